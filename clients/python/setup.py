@@ -1,0 +1,50 @@
+"""Build hook: generate the quotient.v1 gRPC stubs from the repository's protos/ into the wheel.
+
+Generated stubs are build output, not source: they are never committed. The .proto files are read
+from ../../protos (the repository layout) or from ./protos when building from an sdist.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+
+
+def _proto_root() -> Path:
+    for candidate in (HERE.parent.parent / "protos", HERE / "protos"):
+        if (candidate / "quotient" / "v1").is_dir():
+            return candidate
+    raise SystemExit("quotient-client: cannot find protos/quotient/v1 (build from the repository)")
+
+
+class BuildWithStubs(build_py):
+    def run(self) -> None:
+        import grpc_tools
+        from grpc_tools import protoc
+
+        root = _proto_root()
+        out = Path(self.build_lib)
+        out.mkdir(parents=True, exist_ok=True)
+        includes = [str(root), os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")]
+        try:  # google/rpc/status.proto ships with googleapis-common-protos
+            import google.rpc
+
+            includes.append(str(Path(google.rpc.__path__[0]).parent.parent))
+        except ImportError:
+            pass
+        files = sorted(str(p) for p in (root / "quotient" / "v1").glob("*.proto"))
+        args = ["protoc", *(f"-I{i}" for i in includes), f"--python_out={out}", f"--pyi_out={out}",
+                f"--grpc_python_out={out}", *files]
+        if protoc.main(args) != 0:
+            raise SystemExit("quotient-client: protoc failed")
+        for pkg in (out / "quotient", out / "quotient" / "v1"):
+            (pkg / "__init__.py").touch()
+        super().run()
+
+
+setup(cmdclass={"build_py": BuildWithStubs})

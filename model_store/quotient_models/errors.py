@@ -1,0 +1,20 @@
+"""Errors raised by model code, independent of gRPC and TorchServe."""
+
+from __future__ import annotations
+
+__all__ = ["InputError"]
+
+
+class InputError(ValueError):
+    """An input item cannot be embedded; ``reason`` says why in words a client can act on.
+
+    ``index`` is the item's position in the client's request, filled in by whoever knows it.
+    """
+
+    def __init__(self, reason: str, index: int | None = None) -> None:
+        super().__init__(reason if index is None else f"input {index}: {reason}")
+        self.reason = reason
+        self.index = index
+
+    def at(self, index: int) -> InputError:
+        return InputError(self.reason, index)

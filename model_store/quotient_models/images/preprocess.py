@@ -1,0 +1,103 @@
+"""Image decoding and the input policy of image models (documented in docs/api.md).
+
+Policy, in order:
+1. size checks before decoding: at most ``max_input_bytes`` encoded bytes and ``max_pixels``
+   pixels (read from the header, so a decompression bomb is refused without decoding it);
+2. decode with Pillow (PNG, JPEG, BMP, GIF first frame, TIFF, WebP); apply the EXIF orientation;
+3. transparency: composited onto a background of the opposite brightness to the opaque pixels;
+4. grayscale (ITU-R 601-2 luma), scaled to [0, 1];
+5. polarity: MNIST digits are light strokes on a dark background; if the 1-pixel border is on
+   average lighter than 0.5, the image is inverted;
+6. size: a ``size`` x ``size`` image is used as it is; any other is resized (bilinear, antialiased)
+   so that its longest side is ``size`` and the other keeps the aspect ratio, rounded to the same
+   parity as ``size``, then centred with equal zero padding on both sides. Every step commutes
+   with 90-degree rotations, so rotating the file by 90 degrees rotates the model input exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from quotient_models.errors import InputError
+
+__all__ = ["FORMATS", "decode_image"]
+
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+
+
+def _open(data: bytes, max_input_bytes: int, max_pixels: int) -> Image.Image:
+    if not data:
+        raise InputError("empty image data")
+    if len(data) > max_input_bytes:
+        raise InputError(f"image is {len(data)} bytes, above the limit of {max_input_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"image has too many pixels (limit {max_pixels})") from None
+    except Exception as exc:
+        raise InputError(f"not a decodable image ({', '.join(FORMATS)}): {exc}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InputError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InputError(f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}")
+    try:
+        image.seek(0)
+        image.load()
+        return ImageOps.exif_transpose(image) or image
+    except Exception as exc:
+        raise InputError(f"image data is corrupt or truncated ({image.format}): {exc}") from None
+
+
+def _grayscale(image: Image.Image) -> np.ndarray:
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if has_alpha:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        luma = rgba[..., 0] * 0.299 + rgba[..., 1] * 0.587 + rgba[..., 2] * 0.114
+        alpha = rgba[..., 3]
+        ink = float((luma * alpha).sum() / alpha.sum()) if alpha.sum() > 0 else 1.0
+        background = 1.0 if ink < 0.5 else 0.0
+        return luma * alpha + background * (1.0 - alpha)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        top = float(arr.max())
+        return arr / top if top > 0 else arr
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def _fit(gray: np.ndarray, size: int) -> np.ndarray:
+    height, width = gray.shape
+    if (height, width) == (size, size):
+        return gray
+    scale = size / max(height, width)
+
+    def side(n: int) -> int:
+        if n == max(height, width):
+            return size
+        s = max(1, round(n * scale))
+        if (size - s) % 2:  # same parity as size, so the padding is symmetric
+            s = s + 1 if s < size else s - 1
+        return max(s, 2 - size % 2)
+
+    new_h, new_w = side(height), side(width)
+    resized = Image.fromarray(gray, mode="F").resize((new_w, new_h), Image.Resampling.BILINEAR)
+    out = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = np.asarray(resized, dtype=np.float32)
+    return out
+
+
+def decode_image(data: bytes, size: int, *, max_input_bytes: int, max_pixels: int) -> np.ndarray:
+    """Encoded image bytes → model input [size, size] float32 in [0, 1]; raises InputError."""
+    image = _open(data, max_input_bytes, max_pixels)
+    gray = _grayscale(image)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if float(border.mean()) > 0.5:
+        gray = 1.0 - gray
+    return np.clip(_fit(gray, size), 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,20 @@
+"""Invariant projections of equivariant latents (PAPER.md): cyclic-group heads for images."""
+
+from quotient_models.projections._cyclic import (
+    CyclicProjectionHead,
+    align,
+    group_max,
+    group_mean,
+    max_filter,
+)
+from quotient_models.projections._types import ProjectionInfo, ProjectionOutput
+
+__all__ = [
+    "CyclicProjectionHead",
+    "ProjectionInfo",
+    "ProjectionOutput",
+    "align",
+    "group_max",
+    "group_mean",
+    "max_filter",
+]

@@ -1,0 +1,172 @@
+"""Serving-time models: exported encoder + projection head, no escnn, no TorchServe.
+
+Lifecycle of a served model (the contract both backends use):
+1. ``load_model(model_dir, engine, device)`` reads model.json, the exported encoder (ONNX through
+   onnxruntime, or TorchScript through torch) and the stored projection references;
+2. ``model.prepare(input_bytes, limits)`` turns one client item into a model-ready array, raising
+   ``InputError`` with a reason for a bad item (called per item, before batching);
+3. ``model.collate(items)`` stacks prepared items into named arrays (the wire batch);
+4. ``model.embed_batch(arrays, projection)`` runs the encoder and the projection.
+``quotient_models.serving.handle_payload`` wraps 3-4 for the TorchServe handler and the embedded
+backend alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from quotient_models.errors import InputError
+from quotient_models.images.preprocess import FORMATS, decode_image
+from quotient_models.projections import CyclicProjectionHead, ProjectionInfo, ProjectionOutput
+from quotient_models.spec import ModelSpec
+
+__all__ = ["ENGINES", "EmbeddingModel", "ImageModel", "InputLimits", "load_model"]
+
+ENGINES = ("onnx", "torch")
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Per-item limits the service enforces (set by its configuration)."""
+
+    max_input_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    formats: tuple[str, ...] = FORMATS
+
+
+class Encoder(Protocol):
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class OnnxEncoder:
+    """ONNX Runtime session; CUDA when asked for and available, otherwise the CPU."""
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        providers: list = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            device_id = int(device.split(":")[1]) if ":" in device else 0
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.providers = self.session.get_providers()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+class TorchEncoder:
+    """TorchScript module saved from escnn's ``.export()``; runs without escnn."""
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = torch.device(device if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
+        self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        self.providers = [str(self.device)]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            t = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+            return self.module(t).reshape(len(x), -1).float().cpu().numpy()
+
+
+class EmbeddingModel(ABC):
+    """A served model: spec, encoder, projections."""
+
+    spec: ModelSpec
+
+    @abstractmethod
+    def projections(self) -> list[ProjectionInfo]: ...
+
+    @abstractmethod
+    def prepare(self, data: bytes, limits: InputLimits) -> np.ndarray: ...
+
+    @abstractmethod
+    def collate(self, items: list[np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def embed_batch(self, arrays: dict[str, np.ndarray], projection: str | None = None) -> ProjectionOutput: ...
+
+    def item_cost(self, item: np.ndarray) -> int:
+        """Cost of one prepared item for the batcher's budget (pixels, atoms, ...)."""
+        return int(item.size)
+
+    def resolve_projection(self, name: str | None) -> str:
+        chosen = name or self.spec.default_projection
+        known = [p.name for p in self.projections()]
+        if chosen not in known:
+            raise KeyError(f"model {self.spec.name!r} has no projection {chosen!r}; known: {', '.join(known)}")
+        return chosen
+
+
+class ImageModel(EmbeddingModel):
+    """A C_N-equivariant image encoder with its cyclic projection head."""
+
+    def __init__(self, spec: ModelSpec, encoder: Encoder, head: CyclicProjectionHead) -> None:
+        self.spec, self.encoder, self.head = spec, encoder, head
+        self.size = spec.input_size
+
+    def projections(self) -> list[ProjectionInfo]:
+        return self.head.describe()
+
+    def prepare(self, data: bytes, limits: InputLimits) -> np.ndarray:
+        pixels = decode_image(
+            data, self.size, max_input_bytes=limits.max_input_bytes, max_pixels=limits.max_pixels
+        )
+        return pixels[None]  # [1, S, S]
+
+    def collate(self, items: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {"image": np.stack(items).astype(np.float32)}
+
+    def latent(self, x: np.ndarray) -> np.ndarray:
+        """Encoder output of images [B, 1, S, S] as [B, C, N]."""
+        if x.ndim != 4 or x.shape[1:] != (1, self.size, self.size):
+            raise InputError(f"expected images of shape [B, 1, {self.size}, {self.size}], got {list(x.shape)}")
+        z = self.encoder(x)
+        return z.reshape(len(x), self.head.fields, self.head.order)
+
+    def embed(self, x: np.ndarray, projection: str | None = None) -> ProjectionOutput:
+        return self.head.apply(self.resolve_projection(projection), self.latent(x))
+
+    def embed_batch(self, arrays: dict[str, np.ndarray], projection: str | None = None) -> ProjectionOutput:
+        return self.embed(arrays["image"], projection)
+
+
+class _NoEncoder:
+    """Stands in for the encoder where only preparation runs (the service in front of TorchServe)."""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        raise RuntimeError("this model was loaded without an encoder (engine=None)")
+
+
+def load_model(
+    model_dir: str | Path, engine: str | None = "onnx", device: str = "cpu", threads: int = 0
+) -> EmbeddingModel:
+    """Load a model directory for serving. ``engine`` is "onnx", "torch", or None for a model that
+    only prepares and collates inputs (its batches run elsewhere, e.g. in TorchServe)."""
+    spec = ModelSpec.load(model_dir)
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    if spec.modality != "image":
+        raise ValueError(f"{spec.name}: modality {spec.modality!r} is not served by this version")
+    encoder: Encoder
+    if engine is None:
+        encoder = _NoEncoder()
+    elif engine == "onnx":
+        encoder = OnnxEncoder(spec.path("encoder", "onnx"), device=device, threads=threads)
+    else:
+        encoder = TorchEncoder(spec.path("encoder", "torchscript"), device=device, threads=threads)
+    head = CyclicProjectionHead.load(spec.path("projection_head", "file"))
+    return ImageModel(spec, encoder, head)

@@ -1,0 +1,91 @@
+"""The image input policy (docs/api.md): decoding, limits, polarity, fitting, and exact 90° rotations."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from quotient_models.errors import InputError
+from quotient_models.images.preprocess import decode_image
+
+LIMITS = {"max_input_bytes": 1 << 20, "max_pixels": 1 << 20}
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def digit(h: int = 28, w: int = 28, seed: int = 0) -> np.ndarray:
+    """A dark image with an asymmetric bright blob, uint8."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w), np.uint8)
+    img[h // 4 : h // 2, w // 5 : (3 * w) // 5] = rng.integers(120, 255, (h // 2 - h // 4, (3 * w) // 5 - w // 5))
+    return img
+
+
+def test_mnist_sized_png_is_used_as_is():
+    img = digit()
+    out = decode_image(encode(img), 28, **LIMITS)
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    np.testing.assert_allclose(out, img / 255.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (56, 56), (40, 30), (31, 64), (200, 120), (5, 9)])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_policy_commutes_with_90_degree_rotations(shape, k):
+    img = digit(*shape)
+    a = decode_image(encode(img), 28, **LIMITS)
+    b = decode_image(encode(np.ascontiguousarray(np.rot90(img, k))), 28, **LIMITS)
+    np.testing.assert_allclose(np.rot90(a, k), b, atol=1e-5)
+
+
+def test_light_background_is_inverted():
+    img = digit()
+    np.testing.assert_allclose(
+        decode_image(encode(255 - img), 28, **LIMITS), decode_image(encode(img), 28, **LIMITS), atol=1e-6
+    )
+
+
+def test_rgb_jpeg_and_transparent_png_are_accepted():
+    rgb = np.stack([digit()] * 3, axis=-1)
+    out = decode_image(encode(rgb, "JPEG"), 28, **LIMITS)
+    assert out.shape == (28, 28) and 0 <= out.min() and out.max() <= 1
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., 3] = digit()  # black ink drawn only through alpha, on a transparent background
+    out = decode_image(encode(rgba, mode="RGBA"), 28, **LIMITS)
+    np.testing.assert_allclose(out, digit() / 255.0, atol=1 / 255)
+
+
+def test_non_square_is_fitted_and_centred_symmetrically():
+    out = decode_image(encode(np.full((10, 40), 200, np.uint8)), 28, **LIMITS)
+    rows = np.flatnonzero(out.sum(axis=1) > 0)
+    assert rows[0] == 28 - 1 - rows[-1]  # same margin top and bottom
+    assert np.all(out[:, 0] >= 0)
+
+
+@pytest.mark.parametrize(
+    ("data", "limits", "reason"),
+    [
+        (b"", LIMITS, "empty image data"),
+        (b"not an image at all", LIMITS, "not a decodable image"),
+        (b"x" * 2000, {"max_input_bytes": 1000, "max_pixels": 1 << 20}, "above the limit of 1000 bytes"),
+        (encode(np.zeros((300, 300), np.uint8)), {"max_input_bytes": 1 << 20, "max_pixels": 10_000}, "90000 pixels"),
+        (encode(digit())[:60], LIMITS, "corrupt or truncated"),
+    ],
+)
+def test_bad_images_raise_input_error_with_reason(data, limits, reason):
+    with pytest.raises(InputError, match=reason):
+        decode_image(data, 28, **limits)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    # a 20000 x 20000 blank PNG compresses to a few hundred kB; only its header is read
+    buf = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buf, format="PNG")
+    with pytest.raises(InputError, match="pixels"):
+        decode_image(buf.getvalue(), 28, max_input_bytes=1 << 30, max_pixels=16_777_216)
