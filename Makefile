@@ -61,7 +61,10 @@ eval-images: $(STAMPS)/train data/mnist/mnist10k.npz ## measure the model card's
 	$(PY) -m quotient_models.images.evaluate all --data data/mnist --model model_store/models/rotmnist-c8
 
 # ---------------------------------------------------------------- archives and serving
-model_store/archives/%.mar: model_store/models/%/model.json $(wildcard model_store/handlers/*.py) | $(STAMPS)/serve
+.SECONDEXPANSION:
+# An archive is rebuilt when any file of its model directory, the handler or the builder changes.
+model_store/archives/%.mar: $$(wildcard model_store/models/$$*/*) $(wildcard model_store/handlers/*.py) \
+		model_store/quotient_models/archive.py | $(STAMPS)/serve
 	$(PY) -m quotient_models.archive --model-dir model_store/models/$* --export-path model_store/archives
 
 archives: $(ARCHIVES) ## build the TorchServe .mar archives from the committed weights
@@ -75,6 +78,12 @@ test: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## install and run the 
 
 test-unit: $(STAMPS)/test ## only tests/unit
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## only tests/integration
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## only tests/e2e
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 lint: $(STAMPS)/test ## ruff and mypy
 	$(VENV)/bin/ruff check .

@@ -7,6 +7,7 @@ from ../../protos (the repository layout) or from ./protos when building from an
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from setuptools import setup
@@ -29,6 +30,10 @@ class BuildWithStubs(build_py):
 
         root = _proto_root()
         out = Path(self.build_lib)
+        # pip builds in place, so build/lib survives between builds: clear what this build writes,
+        # or a module renamed or removed since the last build would still be packed into the wheel.
+        for stale in ("quotient", "quotient_client"):
+            shutil.rmtree(out / stale, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         includes = [str(root), os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")]
         try:  # google/rpc/status.proto ships with googleapis-common-protos
@@ -38,8 +43,14 @@ class BuildWithStubs(build_py):
         except ImportError:
             pass
         files = sorted(str(p) for p in (root / "quotient" / "v1").glob("*.proto"))
-        args = ["protoc", *(f"-I{i}" for i in includes), f"--python_out={out}", f"--pyi_out={out}",
-                f"--grpc_python_out={out}", *files]
+        args = [
+            "protoc",
+            *(f"-I{i}" for i in includes),
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *files,
+        ]
         if protoc.main(args) != 0:
             raise SystemExit("quotient-client: protoc failed")
         for pkg in (out / "quotient", out / "quotient" / "v1"):

@@ -40,8 +40,8 @@ def _open(data: bytes, max_input_bytes: int, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(f"image has too many pixels (limit {max_pixels})") from None
-    except Exception as exc:
-        raise InputError(f"not a decodable image ({', '.join(FORMATS)}): {exc}") from None
+    except Exception:  # Pillow's message names a memory address; ours names the formats
+        raise InputError(f"not a decodable image (expected one of {', '.join(FORMATS)})") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise InputError(f"image has no pixels ({width}x{height})")
@@ -52,7 +52,14 @@ def _open(data: bytes, max_input_bytes: int, max_pixels: int) -> Image.Image:
         image.load()
         return ImageOps.exif_transpose(image) or image
     except Exception as exc:
-        raise InputError(f"image data is corrupt or truncated ({image.format}): {exc}") from None
+        raise InputError(f"image data is corrupt or truncated ({image.format}): {_clean(exc)}") from None
+
+
+def _clean(exc: Exception) -> str:
+    """Exception text without object reprs (``<... at 0x...>``), which differ on every call."""
+    import re
+
+    return re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "the data", str(exc))
 
 
 def _grayscale(image: Image.Image) -> np.ndarray:

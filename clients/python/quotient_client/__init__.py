@@ -1,0 +1,51 @@
+"""Quotient Python SDK: invariant embeddings of images (and, next, molecules) over gRPC.
+
+    from quotient_client import Client
+    with Client("127.0.0.1:50051") as client:
+        vectors = client.embed_images(["digit.png"])   # float32 [1, D]
+
+Needs grpcio, protobuf, numpy and Pillow; not torch. See clients/python/README.md.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from quotient_client._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client
+from quotient_client._errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    QuotientError,
+    ServerBusyError,
+    ServiceUnavailableError,
+    UnauthenticatedError,
+    error_from_status,
+)
+from quotient_client._inputs import ImageLike, encode_image
+from quotient_client._models import InputLimits, ModelInfo, ProjectionInfo, SymmetryGroup
+
+try:
+    __version__ = version("quotient-client")
+except PackageNotFoundError:  # imported from a source tree
+    __version__ = "0+unknown"
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_TARGET",
+    "Client",
+    "DeadlineExceededError",
+    "ImageLike",
+    "InputLimits",
+    "InvalidInputError",
+    "ModelInfo",
+    "ModelNotFoundError",
+    "PermissionDeniedError",
+    "ProjectionInfo",
+    "QuotientError",
+    "ServerBusyError",
+    "ServiceUnavailableError",
+    "SymmetryGroup",
+    "UnauthenticatedError",
+    "encode_image",
+    "error_from_status",
+]

@@ -1,0 +1,95 @@
+"""Plain-Python descriptions of served models (``ModelInfo``), decoded from quotient.v1.Model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from quotient.v1 import embedding_service_pb2 as pb
+
+__all__ = ["InputLimits", "ModelInfo", "ProjectionInfo", "SymmetryGroup"]
+
+_MODALITIES = {pb.MODALITY_IMAGE: "image", pb.MODALITY_MOLECULE: "molecule"}
+
+
+@dataclass(frozen=True)
+class ProjectionInfo:
+    """One projection of a model's latent: ``dimension`` values per embedding; ``invariant`` is
+    False only for analysis projections such as "raw"; ``returns_pose`` when poses are computed."""
+
+    name: str
+    dimension: int
+    invariant: bool
+    description: str = ""
+    returns_pose: bool = False
+
+
+@dataclass(frozen=True)
+class SymmetryGroup:
+    """The group the invariant projections are invariant to (``order`` 0: depends on the input)."""
+
+    name: str
+    description: str = ""
+    order: int = 0
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one request may contain; 0 or empty means the server states no limit."""
+
+    max_inputs_per_request: int = 0
+    max_input_bytes: int = 0
+    max_pixels: int = 0
+    image_formats: tuple[str, ...] = ()
+    model_input_size: int = 0
+    max_atoms: int = 0
+    elements: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served model: ``modality`` is "image", "molecule" or "unspecified"; ``metrics`` maps each
+    model-card figure's name to its value; ``model_card`` is Markdown."""
+
+    name: str
+    version: str
+    modality: str
+    group: SymmetryGroup
+    projections: list[ProjectionInfo]
+    default_projection: str
+    input_limits: InputLimits
+    description: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_card: str = ""
+
+    def projection(self, name: str | None = None) -> ProjectionInfo | None:
+        """The projection called ``name`` (the default one when None), or None if unknown."""
+        wanted = name or self.default_projection
+        return next((p for p in self.projections if p.name == wanted), None)
+
+    @classmethod
+    def from_proto(cls, model: pb.Model) -> ModelInfo:
+        """Decode a ``quotient.v1.Model`` message."""
+        lim = model.input_limits
+        return cls(
+            name=model.name,
+            version=model.version,
+            modality=_MODALITIES.get(model.modality, "unspecified"),
+            group=SymmetryGroup(model.group.name, model.group.description, model.group.order),
+            projections=[
+                ProjectionInfo(p.name, p.dimension, p.invariant, p.description, p.returns_pose)
+                for p in model.projections
+            ],
+            default_projection=model.default_projection,
+            input_limits=InputLimits(
+                lim.max_inputs_per_request,
+                lim.max_input_bytes,
+                lim.max_pixels,
+                tuple(lim.image_formats),
+                lim.model_input_size,
+                lim.max_atoms,
+                tuple(lim.elements),
+            ),
+            description=model.description,
+            metrics={m.name: m.value for m in model.metrics},
+            model_card=model.model_card,
+        )

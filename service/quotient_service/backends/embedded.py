@@ -1,0 +1,110 @@
+"""The in-process backend: every model under ``settings.model_store`` runs in this process.
+
+Each model has its own thread pool (``model_workers`` threads) so a slow model never blocks the
+batches of another; ONNX Runtime and torch release the GIL while they compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from quotient_models import serving
+from quotient_models.runtime import EmbeddingModel, InputLimits, load_model
+from quotient_models.spec import discover_models
+
+from quotient_service.backends.base import Backend
+from quotient_service.config import Settings, resolve_repo_path
+from quotient_service.errors import NotFound, Unavailable
+
+__all__ = ["EmbeddedBackend", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str, engine: str) -> str:
+    """``auto`` → ``cuda`` when the chosen engine can use a GPU here, else ``cpu``."""
+    if device != "auto":
+        return device
+    if engine == "torch":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    import onnxruntime as ort
+
+    # onnxruntime-gpu lists its CUDA provider even on machines without a GPU; check for a device.
+    has_gpu = os.path.exists("/dev/nvidiactl") or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return "cuda" if has_gpu and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+def warmup_payload(model: EmbeddingModel) -> bytes:
+    """One small batch for the model's modality (compiles kernels, allocates arenas). A model may
+    provide its own item with a ``warmup_item()`` method; otherwise a blank image or ethanol."""
+    hook = getattr(model, "warmup_item", None)
+    if callable(hook):
+        item = hook()
+    elif model.spec.modality == "image":
+        item = np.zeros((1, model.spec.input_size, model.spec.input_size), dtype=np.float32)
+    elif model.spec.modality == "molecule":
+        item = model.prepare("CCO", InputLimits())  # type: ignore[arg-type]
+    else:
+        raise ValueError(
+            f"{model.spec.name}: no warm-up input for modality {model.spec.modality!r}"
+        )
+    return serving.encode_batch(model.collate([item]), model.resolve_projection(None))
+
+
+class EmbeddedBackend(Backend):
+    name = "embedded"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._models: dict[str, EmbeddingModel] = {}
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._ready = False
+
+    async def start(self) -> None:
+        root = resolve_repo_path(self.settings.model_store)
+        specs = discover_models(root)
+        if not specs:
+            log.warning("no models under %s", root)
+        device = resolve_device(self.settings.device, self.settings.engine)
+        loop = asyncio.get_running_loop()
+        for spec in specs:
+            pool = ThreadPoolExecutor(self.settings.model_workers, thread_name_prefix=spec.name)
+            self._pools[spec.name] = pool
+            load = functools.partial(load_model, spec.directory, self.settings.engine, device)
+            model = await loop.run_in_executor(pool, load)
+            self._models[spec.name] = model
+            await loop.run_in_executor(pool, serving.handle_payload, model, warmup_payload(model))
+            log.info(
+                "loaded %s %s (%s on %s)", spec.name, spec.version, self.settings.engine, device
+            )
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._ready = False
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._pools.clear()
+
+    def models(self) -> dict[str, EmbeddingModel]:
+        return dict(self._models)
+
+    async def run(self, model_name: str, payload: bytes) -> bytes:
+        if not self._ready:
+            raise Unavailable("the embedded backend is not running")
+        if model_name not in self._models:
+            raise NotFound(f"model {model_name!r} is not loaded", metadata={"model": model_name})
+        loop = asyncio.get_running_loop()
+        model = self._models[model_name]
+        return await loop.run_in_executor(
+            self._pools[model_name], serving.handle_payload, model, payload
+        )
+
+    async def ready(self) -> bool:
+        return self._ready

@@ -1,0 +1,279 @@
+"""Dynamic batching: one bounded queue and one worker per (model, projection).
+
+A request's prepared items enter the queue of its (model, projection) as separate entries, so a
+large request may span several batches; each entry remembers its request and its index in it, and
+the request's future resolves once every row is back, in request order. A worker waits until it
+has a free slot (``model_workers`` batches in flight per queue), then until the queue holds a full
+batch (``max_batch_items`` or the ``max_batch_cost`` budget, cost from ``model.item_cost``) or the
+oldest entry has waited ``max_batch_delay_ms``. Overload is refused at the door
+(``ResourceExhausted``); stale and cancelled requests leave the queue before they cost a batch; a
+failed batch fails only its own requests and never the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from quotient_models import serving
+from quotient_models.runtime import EmbeddingModel
+
+from quotient_service.backends.base import Backend
+from quotient_service.config import Settings
+from quotient_service.errors import DeadlineExceeded, QuotientError, ResourceExhausted, Unavailable
+from quotient_service.metrics import Metrics
+
+__all__ = ["BatchResult", "Batcher"]
+
+log = logging.getLogger(__name__)
+_batch_ids = itertools.count()
+
+
+@dataclass
+class BatchResult:
+    """One request's rows, in its order, and how they were computed."""
+
+    values: np.ndarray  # [n, D] float32
+    poses: np.ndarray | None  # [n] degrees, or None
+    queue_seconds: float  # longest wait of one of its items
+    inference_seconds: float  # backend time of the batches that computed it
+    batch_size: int  # items in those batches, together
+
+
+class _Request:
+    def __init__(self, n: int, deadline: float) -> None:
+        self.future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+        self.rows: list[np.ndarray | None] = [None] * n
+        self.poses: list[float] = [0.0] * n
+        self.has_poses = False
+        self.remaining, self.deadline, self.enqueued = n, deadline, time.monotonic()
+        self.queue_seconds = 0.0
+        self.batches: dict[int, tuple[int, float]] = {}  # batch id → (size, seconds)
+
+    def fail(self, exc: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def deliver(
+        self, index: int, row: np.ndarray, pose: float | None, batch: tuple[int, int, float]
+    ) -> None:
+        if self.future.done():
+            return
+        batch_id, size, seconds = batch
+        self.rows[index], self.batches[batch_id] = row, (size, seconds)
+        if pose is not None:
+            self.poses[index], self.has_poses = pose, True
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.future.set_result(
+                BatchResult(
+                    np.stack(self.rows).astype(np.float32),  # type: ignore[arg-type]
+                    np.asarray(self.poses, dtype=np.float64) if self.has_poses else None,
+                    self.queue_seconds,
+                    sum(s for _, s in self.batches.values()),
+                    sum(n for n, _ in self.batches.values()),
+                )
+            )
+
+
+@dataclass
+class _Entry:
+    request: _Request
+    index: int
+    item: np.ndarray
+    cost: int
+
+
+@dataclass
+class _Queue:
+    model: EmbeddingModel
+    projection: str
+    slots: asyncio.Semaphore
+    entries: deque[_Entry] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    worker: asyncio.Task[None] | None = None
+    running: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class Batcher:
+    """Merges concurrent requests into model batches for one backend."""
+
+    def __init__(
+        self, backend: Backend, settings: Settings, metrics: Metrics | None = None
+    ) -> None:
+        self.backend, self.settings = backend, settings
+        self.metrics = metrics or Metrics()
+        self._queues: dict[tuple[str, str], _Queue] = {}
+        self._queued = 0
+
+    @property
+    def queued(self) -> int:
+        """Items waiting in all queues (not those in running batches)."""
+        return self._queued
+
+    async def submit(
+        self, model: EmbeddingModel, projection: str, items: list[np.ndarray], deadline: float
+    ) -> BatchResult:
+        """Queue one request's prepared items; their rows come back in order.
+        ``deadline`` is a ``time.monotonic()`` instant."""
+        if self._queued + len(items) > self.settings.max_queue_items:
+            raise ResourceExhausted(
+                f"server overloaded: {self._queued} items queued, limit "
+                f"{self.settings.max_queue_items}; retry with backoff",
+                metadata={"queued": self._queued, "limit": self.settings.max_queue_items},
+            )
+        queue, request = self._queue(model, projection), _Request(len(items), deadline)
+        queue.entries.extend(
+            _Entry(request, i, item, model.item_cost(item)) for i, item in enumerate(items)
+        )
+        self._count(len(items))
+        queue.wake.set()
+        try:
+            return await asyncio.wait_for(request.future, deadline - time.monotonic())
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the request did not finish within its deadline ({len(items)} items)"
+            ) from None
+        finally:  # finished, failed, timed out or cancelled by the client: leave the queue
+            self._discard(queue, request)
+
+    async def stop(self) -> None:
+        """Cancel the workers and fail every request still waiting (Unavailable)."""
+        for queue in self._queues.values():
+            tasks = [t for t in (queue.worker, *queue.running) if t is not None]
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            for entry in queue.entries:
+                entry.request.fail(Unavailable("the server is shutting down"))
+            self._count(-len(queue.entries))
+            queue.entries.clear()
+        self._queues.clear()
+
+    # --- queue bookkeeping
+
+    def _queue(self, model: EmbeddingModel, projection: str) -> _Queue:
+        key = (model.spec.name, projection)
+        if key not in self._queues:
+            queue = _Queue(model, projection, asyncio.Semaphore(self.settings.model_workers))
+            queue.worker = asyncio.create_task(self._work(queue), name=f"batcher:{key}")
+            self._queues[key] = queue
+        return self._queues[key]
+
+    def _count(self, delta: int) -> None:
+        self._queued += delta
+        self.metrics.queued.set(self._queued)
+
+    def _discard(self, queue: _Queue, request: _Request) -> None:
+        kept = deque(e for e in queue.entries if e.request is not request)
+        self._count(len(kept) - len(queue.entries))
+        queue.entries = kept
+
+    def _full(self, queue: _Queue) -> bool:
+        budget, cost = self.settings.max_batch_cost, 0
+        for n, entry in enumerate(queue.entries, 1):
+            cost += entry.cost
+            if n >= self.settings.max_batch_items or (budget and cost >= budget):
+                return True
+        return False
+
+    def _take(self, queue: _Queue) -> list[_Entry]:
+        batch: list[_Entry] = []
+        cost, budget, now = 0, self.settings.max_batch_cost, time.monotonic()
+        while queue.entries and len(batch) < self.settings.max_batch_items:
+            entry = queue.entries[0]
+            if entry.request.future.done():  # failed or cancelled meanwhile
+                queue.entries.popleft()
+                self._count(-1)
+            elif entry.request.deadline <= now:  # stale: drop before it costs a batch
+                entry.request.fail(DeadlineExceeded("the request waited past its deadline"))
+                self._discard(queue, entry.request)
+            elif batch and budget and cost + entry.cost > budget:
+                break
+            else:
+                batch.append(queue.entries.popleft())
+                self._count(-1)
+                cost += entry.cost
+        return batch
+
+    # --- the worker
+
+    async def _work(self, queue: _Queue) -> None:
+        delay = self.settings.max_batch_delay_ms / 1000.0
+        while True:
+            await queue.slots.acquire()
+            while not queue.entries:
+                queue.wake.clear()
+                await queue.wake.wait()
+            close_at = queue.entries[0].request.enqueued + delay
+            while queue.entries and not self._full(queue):
+                queue.wake.clear()
+                try:
+                    await asyncio.wait_for(queue.wake.wait(), close_at - time.monotonic())
+                except TimeoutError:
+                    break
+            batch = self._take(queue)
+            if not batch:
+                queue.slots.release()
+                continue
+            task = asyncio.create_task(self._run(queue, batch))
+            queue.running.add(task)
+            task.add_done_callback(self._finished(queue))
+
+    @staticmethod
+    def _finished(queue: _Queue) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            queue.running.discard(task)
+            queue.slots.release()
+
+        return done
+
+    async def _run(self, queue: _Queue, batch: list[_Entry]) -> None:
+        name, start = queue.model.spec.name, time.monotonic()
+        for entry in batch:
+            wait = start - entry.request.enqueued
+            entry.request.queue_seconds = max(entry.request.queue_seconds, wait)
+            self.metrics.queue_wait.labels(name).observe(wait)
+        try:
+            arrays = queue.model.collate([e.item for e in batch])
+            answer = await self.backend.run(name, serving.encode_batch(arrays, queue.projection))
+            out = serving.decode_output(answer)
+            if len(out.values) != len(batch):
+                raise Unavailable(f"backend returned {len(out.values)} rows for {len(batch)} items")
+        except asyncio.CancelledError:  # stop(): nobody will answer these requests now
+            self._fail(queue, batch, Unavailable("the server is shutting down"))
+            raise
+        except Exception as exc:
+            self._fail(queue, batch, exc)
+            return
+        seconds = time.monotonic() - start
+        self.metrics.batch_size.labels(name).observe(len(batch))
+        self.metrics.inference.labels(name).observe(seconds)
+        self.metrics.items.labels(name).inc(len(batch))
+        info = (next(_batch_ids), len(batch), seconds)
+        for row, entry in enumerate(batch):
+            pose = None if out.poses is None else float(out.poses[row])
+            entry.request.deliver(entry.index, out.values[row], pose, info)
+
+    def _fail(self, queue: _Queue, batch: list[_Entry], exc: Exception) -> None:
+        name = queue.model.spec.name
+        self.metrics.batch_failures.labels(name).inc()
+        if isinstance(exc, QuotientError):
+            error: QuotientError = exc
+        else:
+            log.error("batch of %d items for %s failed", len(batch), name, exc_info=exc)
+            error = Unavailable(
+                f"the backend failed a batch of model {name!r}", metadata={"model": name}
+            )
+        for request in {id(e.request): e.request for e in batch}.values():
+            request.fail(error)
+            self._discard(queue, request)  # its other items would be computed for nothing

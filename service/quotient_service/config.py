@@ -1,0 +1,216 @@
+"""The service's configuration: one typed, frozen ``Settings``.
+
+Every field is a command-line flag and an environment variable of the same name
+(``max_batch_items`` ↔ ``--max-batch-items`` ↔ ``QUOTIENT_MAX_BATCH_ITEMS``). Precedence is
+CLI > environment > default. Each field's help states its trade-off; docs/api.md renders the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ENV_PREFIX", "ConfigError", "Settings", "load_settings", "resolve_repo_path"]
+
+ENV_PREFIX = "QUOTIENT_"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # service/quotient_service/config.py → repo
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the flag and the variable."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] = (), secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of the server. Construct through ``load_settings`` for flags and env vars."""
+
+    # --- network
+    host: str = _f("127.0.0.1", "address to bind; 0.0.0.0 exposes the service beyond this host")
+    port: int = _f(50051, "gRPC port; 0 picks a free one (tests)")
+    max_message_bytes: int = _f(
+        64 << 20,
+        "largest gRPC message in or out; larger allows bigger requests but more memory per call",
+    )
+    # --- models and backend
+    backend: str = _f(
+        "embedded",
+        "where batches run: in-process threads (simple, fast start) or "
+        "TorchServe (separate workers, slower start)",
+        ("embedded", "torchserve"),
+    )
+    model_store: str = _f(
+        "model_store/models",
+        "directory of model directories (model.json each); "
+        "relative paths are tried from the cwd, then the repository root",
+    )
+    archive_dir: str = _f(
+        "model_store/archives", "directory of TorchServe .mar archives (torchserve backend only)"
+    )
+    engine: str = _f(
+        "onnx",
+        "embedded runtime: onnx starts faster and is smaller; torch runs the TorchScript export",
+        ("onnx", "torch"),
+    )
+    device: str = _f(
+        "auto",
+        "inference device: auto uses CUDA when present; cpu is always available",
+        ("auto", "cpu", "cuda"),
+    )
+    model_workers: int = _f(
+        1,
+        "batches one model runs at once (embedded); more overlaps "
+        "batches but splits the CPU between them",
+    )
+    # --- batching
+    max_batch_items: int = _f(
+        64, "most items in one model batch; larger raises throughput and latency"
+    )
+    max_batch_cost: int = _f(
+        0,
+        "cost budget of one batch (pixels for images, atoms for "
+        "molecules); 0 = items only. Bounds memory for large inputs",
+    )
+    max_batch_delay_ms: float = _f(
+        5.0,
+        "how long the first item waits for others to fill a "
+        "batch; higher batches better under load, adds latency",
+    )
+    max_queue_items: int = _f(
+        1024,
+        "items queued across all models before RESOURCE_EXHAUSTED; "
+        "higher absorbs bursts, lower sheds load sooner",
+    )
+    request_timeout_s: float = _f(
+        30.0,
+        "server-side deadline of a call (the client's is also "
+        "honoured); queued items past it are dropped",
+    )
+    stream_concurrency: int = _f(
+        8,
+        "requests of one EmbedStream processed at once (answers stay "
+        "in order); higher pipelines more, holds more memory",
+    )
+    # --- input limits
+    max_inputs_per_request: int = _f(
+        256,
+        "most inputs in one request; larger requests amortise overhead but hold a worker longer",
+    )
+    max_input_bytes: int = _f(8 << 20, "largest encoded input in bytes")
+    max_pixels: int = _f(
+        4096 * 4096,
+        "largest image (width x height) decoded; refuses decompression bombs from the header",
+    )
+    decode_threads: int = _f(
+        2,
+        "threads that decode and prepare inputs; more decodes in "
+        "parallel but competes with inference for CPU",
+    )
+    # --- operations
+    metrics_host: str = _f("127.0.0.1", "address of the Prometheus /metrics endpoint")
+    metrics_port: int = _f(9464, "Prometheus /metrics port; 0 disables the endpoint")
+    log_level: str = _f("INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    shutdown_grace_s: float = _f(
+        10.0, "on SIGTERM, how long in-flight calls may finish before they are cancelled"
+    )
+    # --- TorchServe backend (backends/torchserve.py); ignored by the embedded backend
+    torchserve_grpc_port: int = _f(7070, "TorchServe gRPC inference port (loopback)")
+    torchserve_grpc_management_port: int = _f(7071, "TorchServe gRPC management port (loopback)")
+    torchserve_inference_port: int = _f(8080, "TorchServe HTTP inference port (loopback)")
+    torchserve_management_port: int = _f(8081, "TorchServe HTTP management port (loopback)")
+    torchserve_metrics_port: int = _f(8082, "TorchServe metrics port (loopback)")
+    torchserve_workdir: str = _f(
+        "logs/torchserve", "TorchServe's config, logs and model store copy; relative to the cwd"
+    )
+    torchserve_startup_timeout_s: float = _f(
+        180.0,
+        "how long to wait for TorchServe and its models before giving up (the JVM starts slowly)",
+    )
+    torchserve_workers_per_model: int = _f(
+        1, "TorchServe workers per model; each is a process holding a copy of the model"
+    )
+    torchserve_java: str = _f("java", "java binary TorchServe runs with (JAVA_HOME/bin/java)")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata["choices"]
+            if choices and value not in choices:
+                raise ConfigError(f"{_names(f.name)}: {value!r} is not one of {', '.join(choices)}")
+            if f.name.endswith("port") and not 0 <= value <= 65535:
+                raise ConfigError(f"{_names(f.name)}: {value} is not a port (0-65535)")
+            # zero means "off" for some settings; every other number must be positive
+            number = isinstance(value, int | float) and not f.name.endswith("port")
+            if number and (value < 0 or (value == 0 and f.name not in _ZERO_ALLOWED)):
+                raise ConfigError(f"{_names(f.name)}: must be positive, got {value}")
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict for the log, secrets replaced by ``***``."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for f in dataclasses.fields(self):
+            if f.metadata["secret"] and values[f.name]:
+                values[f.name] = "***"
+        return values
+
+
+_ZERO_ALLOWED = {"max_batch_cost", "max_batch_delay_ms", "shutdown_grace_s"}
+
+
+def _names(name: str) -> str:
+    return f"--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}"
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind: type = type(f.default)
+    try:
+        return kind(raw) if kind is not str else raw
+    except ValueError:
+        raise ConfigError(f"{_names(f.name)}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quotient-server",
+        description="Quotient gRPC embedding service. Every flag is also an environment variable "
+        f"{ENV_PREFIX}<NAME> (CLI > env > default).",
+    )
+    for f in dataclasses.fields(Settings):
+        env = f"{ENV_PREFIX}{f.name.upper()}"
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=None,
+            metavar=env,
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from flags (``argv``, default sys.argv) over ``env`` (default os.environ)."""
+    args = vars(_parser().parse_args(argv))
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = args[f.name] if args[f.name] is not None else env.get(f"{ENV_PREFIX}{f.name.upper()}")
+        if raw is not None:
+            values[f.name] = _convert(f, raw)
+    return Settings(**values)
+
+
+def resolve_repo_path(path: str | Path) -> Path:
+    """An absolute path as is; a relative one from the cwd if it exists there, else from the
+    repository root (so `make serve` works from any directory)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return (REPO_ROOT / p).resolve()

@@ -1,0 +1,172 @@
+"""The domain layer: validate a request, prepare its items, batch them, return embeddings.
+
+No protobuf here: items arrive as ``(kind, data)`` pairs (kind ``"image"``/``"molecule"``, or None
+when the client set neither) and results leave as numpy arrays. Every refusal is a
+``QuotientError`` naming the item's index when there is one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from quotient_models.errors import InputError
+from quotient_models.runtime import EmbeddingModel, InputLimits
+
+from quotient_service.backends.base import Backend
+from quotient_service.batching import Batcher
+from quotient_service.config import Settings
+from quotient_service.errors import InvalidArgument, NotFound, Unavailable
+
+__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "EmbedResult", "Engine", "Item"]
+
+Item = tuple[str | None, bytes | str]
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+_DATA_FIELDS = {"image": "image.data", "molecule": "molecule.smiles"}  # for FieldViolation
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    model: str
+    projection: str
+    invariant: bool
+    values: np.ndarray  # [B, D] float32, request order
+    poses: np.ndarray | None  # [B] degrees, when the projection returns a pose
+    queue_seconds: float
+    inference_seconds: float
+    total_seconds: float
+    batch_size: int
+
+
+class Engine:
+    """Requests in, embeddings out; owns the prepare thread pool and the batcher."""
+
+    def __init__(self, backend: Backend, batcher: Batcher, settings: Settings) -> None:
+        self.backend, self.batcher, self.settings = backend, batcher, settings
+        self.limits = InputLimits(settings.max_input_bytes, settings.max_pixels)
+        # Bounded: decoding is CPU work that competes with inference (decode_threads).
+        self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="prepare")
+        self.ready = False  # set by the app once the backend has started
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _check_ready(self) -> None:
+        if not self.ready:  # answering "no models" while they load would mislead clients
+            raise Unavailable("the server is starting; models are loading", reason="NOT_READY")
+
+    def model(self, name: str) -> EmbeddingModel:
+        self._check_ready()
+        model = self.backend.models().get(name)
+        if model is None:
+            known = ", ".join(sorted(self.backend.models())) or "none"
+            raise NotFound(f"no model {name!r}; served models: {known}", metadata={"model": name})
+        return model
+
+    def list_models(self, page_size: int, page_token: str) -> tuple[list[EmbeddingModel], str]:
+        """One page of models in name order and the token of the next page ("" at the end)."""
+        self._check_ready()
+        if page_size < 0:
+            raise InvalidArgument(
+                "page_size must not be negative", field="page_size", reason="INVALID_REQUEST"
+            )
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_token(page_token) if page_token else None
+        models = self.backend.models()
+        names = [n for n in sorted(models) if after is None or n > after]
+        page = names[:size]
+        token = _encode_token(page[-1]) if len(names) > size else ""
+        return [models[n] for n in page], token
+
+    async def embed(
+        self, model_name: str, items: list[Item], projection: str, timeout: float | None = None
+    ) -> EmbedResult:
+        """Embed ``items`` with one model; ``timeout`` is the client's remaining time, if any."""
+        start = time.monotonic()
+        model = self.model(model_name)
+        self._check_request(model, items)
+        try:
+            chosen = model.resolve_projection(projection or None)
+        except KeyError:
+            known = ", ".join(p.name for p in model.projections())
+            raise InvalidArgument(
+                f"unknown projection {projection!r}; known: {known}",
+                field="projection",
+                reason="UNKNOWN_PROJECTION",
+            ) from None
+        prepared = await self._prepare(model, items)
+        budget = min(self.settings.request_timeout_s, timeout if timeout is not None else np.inf)
+        result = await self.batcher.submit(model, chosen, prepared, start + budget)
+        info = next(p for p in model.projections() if p.name == chosen)
+        return EmbedResult(
+            model.spec.name,
+            chosen,
+            info.invariant,
+            result.values,
+            result.poses,
+            result.queue_seconds,
+            result.inference_seconds,
+            time.monotonic() - start,
+            result.batch_size,
+        )
+
+    def _check_request(self, model: EmbeddingModel, items: list[Item]) -> None:
+        if not items:
+            raise InvalidArgument(
+                "the request has no inputs", field="inputs", reason="INVALID_REQUEST"
+            )
+        if len(items) > self.settings.max_inputs_per_request:
+            raise InvalidArgument(
+                f"{len(items)} inputs, above the limit of {self.settings.max_inputs_per_request} "
+                "per request; split the request",
+                field="inputs",
+                reason="TOO_MANY_INPUTS",
+            )
+        modality = model.spec.modality
+        for i, (kind, _) in enumerate(items):
+            if kind is None:
+                raise InvalidArgument("no image or molecule set", index=i, field=f"inputs[{i}]")
+            if kind != modality:
+                raise InvalidArgument(
+                    f"a {kind} was sent to model {model.spec.name!r}, which embeds {modality}s",
+                    index=i,
+                    field=f"inputs[{i}].{kind}",
+                    reason="WRONG_MODALITY",
+                )
+
+    async def _prepare(self, model: EmbeddingModel, items: list[Item]) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._pool, model.prepare, data, self.limits)
+                for _, data in items
+            ),
+            return_exceptions=True,
+        )
+        for i, ((kind, _), out) in enumerate(zip(items, results, strict=True)):
+            if isinstance(out, InputError):  # the first bad item by index, deterministically
+                field = f"inputs[{i}].{_DATA_FIELDS.get(str(kind), str(kind))}"
+                raise InvalidArgument(out.reason, index=i, field=field)
+            if isinstance(out, BaseException):
+                raise out
+        return list(results)  # type: ignore[arg-type]
+
+
+def _encode_token(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).decode()
+
+
+def _decode_token(token: str) -> str:
+    try:
+        return base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True).decode()
+    except (ValueError, binascii.Error, UnicodeError):
+        raise InvalidArgument(
+            "page_token is not a token this server issued",
+            field="page_token",
+            reason="INVALID_PAGE_TOKEN",
+        ) from None

@@ -1,0 +1,186 @@
+"""quotient.v1.EmbeddingService: protobuf → domain → engine → protobuf, nothing else.
+
+Errors are not handled here: ``errors.ErrorInterceptor`` turns them into rich statuses, and
+EmbedStream uses ``errors.settle`` to put them into its answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from quotient.v1 import embedding_service_pb2 as pb
+from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+from quotient_models.runtime import EmbeddingModel
+
+from quotient_service import errors
+from quotient_service.config import Settings
+from quotient_service.engine import EmbedResult, Engine, Item
+from quotient_service.metrics import Metrics
+
+__all__ = ["SERVICE_NAME", "EmbeddingServicer"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+_MODALITIES = {"image": pb.MODALITY_IMAGE, "molecule": pb.MODALITY_MOLECULE}
+A = TypeVar("A")
+R = TypeVar("R")
+
+
+class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
+    """The four RPCs; each decodes its request, calls the engine and encodes the answer."""
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedResponse:
+        result = await self.engine.embed(
+            request.model, _items(request), request.projection, context.time_remaining()
+        )
+        return _embed_response(result, request.request_id)
+
+    async def EmbedStream(
+        self, requests: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EmbedStreamResponse]:
+        answer = functools.partial(self._answer, context=context)
+        async for response in _ordered(requests, answer, self.settings.stream_concurrency):
+            yield response
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        models, token = self.engine.list_models(request.page_size, request.page_token)
+        return pb.ListModelsResponse(models=[self._model(m) for m in models], next_page_token=token)
+
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Model:
+        return self._model(self.engine.model(request.name))
+
+    async def _answer(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedStreamResponse:
+        start = time.perf_counter()
+        response, status = await errors.settle(self.Embed(request, context))
+        code = errors.grpc_code(status)
+        self.metrics.observe_call("EmbedStream", request.model, code, time.perf_counter() - start)
+        if status is not None:
+            return pb.EmbedStreamResponse(request_id=request.request_id, error=status)
+        return pb.EmbedStreamResponse(request_id=request.request_id, response=response)
+
+    def _model(self, model: EmbeddingModel) -> pb.Model:
+        spec, limits = model.spec, self.engine.limits
+        inputs = spec.raw.get("input", {})
+        return pb.Model(
+            name=spec.name,
+            version=spec.version,
+            description=spec.description,
+            modality=_MODALITIES.get(spec.modality, pb.MODALITY_UNSPECIFIED),
+            group=pb.SymmetryGroup(
+                name=str(spec.group.get("name", "")),
+                description=str(spec.group.get("description", "")),
+                order=int(spec.group.get("order", 0)),
+            ),
+            projections=[
+                pb.Projection(
+                    name=p.name,
+                    dimension=p.dimension,
+                    invariant=p.invariant,
+                    description=p.description,
+                    returns_pose=p.returns_pose,
+                )
+                for p in model.projections()
+            ],
+            default_projection=model.resolve_projection(None),
+            input_limits=pb.InputLimits(
+                max_inputs_per_request=self.settings.max_inputs_per_request,
+                max_input_bytes=limits.max_input_bytes,
+                max_pixels=limits.max_pixels,
+                image_formats=list(limits.formats) if spec.modality == "image" else [],
+                model_input_size=spec.input_size,
+                max_atoms=int(inputs.get("max_atoms", 0)),
+                elements=list(inputs.get("elements", [])),
+            ),
+            metrics=[
+                pb.Metric(
+                    name=str(m.get("name", "")),
+                    value=float(m.get("value", 0.0)),
+                    description=str(m.get("description", "")),
+                    command=str(m.get("command", "")),
+                )
+                for m in spec.metrics
+            ],
+            model_card=spec.model_card(),
+        )
+
+
+def _items(request: pb.EmbedRequest) -> list[Item]:
+    items: list[Item] = []
+    for item in request.inputs:
+        kind = item.WhichOneof("kind")
+        data = item.image.data if kind == "image" else item.molecule.smiles
+        items.append((kind, data))
+    return items
+
+
+def _duration(seconds: float) -> Duration:
+    return Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+
+
+def _embed_response(result: EmbedResult, request_id: str) -> pb.EmbedResponse:
+    poses = result.poses
+    return pb.EmbedResponse(
+        embeddings=[
+            pb.Embedding(
+                values=row.tolist(),
+                pose=None if poses is None else pb.Pose(rotation_degrees=float(poses[i])),
+            )
+            for i, row in enumerate(result.values)
+        ],
+        model=result.model,
+        projection=result.projection,
+        invariant=result.invariant,
+        request_id=request_id,
+        metadata=pb.ResponseMetadata(
+            queue_time=_duration(result.queue_seconds),
+            inference_time=_duration(result.inference_seconds),
+            total_time=_duration(result.total_seconds),
+            batch_size=result.batch_size,
+        ),
+    )
+
+
+async def _ordered(
+    source: AsyncIterator[A], fn: Callable[[A], Awaitable[R]], limit: int
+) -> AsyncIterator[R]:
+    """``fn`` over ``source`` with at most ``limit`` calls pending, results in source order.
+    Reading stops while the window is full (backpressure on the client's stream)."""
+    window: asyncio.Queue[asyncio.Task[R] | None] = asyncio.Queue(maxsize=limit)
+
+    async def feed() -> None:
+        try:
+            async for item in source:
+                await window.put(asyncio.ensure_future(fn(item)))
+        finally:
+            await window.put(None)
+
+    feeder = asyncio.create_task(feed())
+    try:
+        while (task := await window.get()) is not None:
+            yield await task
+        await feeder  # re-raises a failure to read the stream
+    finally:
+        feeder.cancel()
+        while not window.empty():
+            pending = window.get_nowait()
+            if pending is not None:
+                pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await feeder

@@ -1,0 +1,157 @@
+"""Shared test set-up: markers from the path, the tiny model store, servers on a private loop.
+
+Markers: a test under tests/unit is ``unit``, under tests/integration ``integration``, under
+tests/e2e ``e2e`` (``--strict-markers`` is on, so the names are registered in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import socket
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+T = TypeVar("T")
+_KINDS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for kind in _KINDS:
+            if kind in parts:
+                item.add_marker(getattr(pytest.mark, kind))
+
+
+# ---------------------------------------------------------------- models and inputs
+
+
+@pytest.fixture(scope="session")
+def tiny_model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding the tiny C4 test model ("tiny-c4"); written once per session."""
+    from quotient_models.testing import write_tiny_image_model
+
+    root = tmp_path_factory.mktemp("models")
+    write_tiny_image_model(root / "tiny-c4")
+    return root
+
+
+@pytest.fixture(scope="session")
+def three_model_store(tiny_model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-c4 under three names (copies with a renamed model.json), for paging tests."""
+    root = tmp_path_factory.mktemp("models3")
+    for name in ("tiny-a", "tiny-b", "tiny-c"):
+        shutil.copytree(tiny_model_store / "tiny-c4", root / name)
+        spec = json.loads((root / name / "model.json").read_text())
+        spec["name"] = name
+        (root / name / "model.json").write_text(json.dumps(spec))
+    return root
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def digit(seed: int, size: int = 28) -> np.ndarray:
+    """A dark uint8 image with an asymmetric bright blob (MNIST polarity)."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((size, size), np.uint8)
+    top, left = rng.integers(3, 10, 2)
+    img[top : top + 12, left : left + 8] = rng.integers(100, 255, (12, 8))
+    img[top : top + 3, left : left + 14] = 255
+    return img
+
+
+@pytest.fixture(scope="session")
+def png() -> Callable[[np.ndarray], bytes]:
+    """Encodes a uint8 array as PNG bytes."""
+    return encode_png
+
+
+@pytest.fixture(scope="session")
+def digits() -> Callable[[int], np.ndarray]:
+    """``digits(seed)``: a 28x28 uint8 test image."""
+    return digit
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def pick_port() -> Callable[[], int]:
+    return free_port
+
+
+# ---------------------------------------------------------------- an asyncio loop in a thread
+
+
+class LoopThread:
+    """An event loop in a daemon thread, so synchronous tests can use real grpc.aio servers and
+    plain (sync) gRPC client channels."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+class ServiceHandle:
+    """A started quotient server (create_server + App.start) on ``loop_thread``."""
+
+    def __init__(self, lt: LoopThread, **settings: Any) -> None:
+        from quotient_service.config import Settings
+        from quotient_service.server import create_server
+
+        self.lt = lt
+        self.settings = Settings(**{"port": 0, "metrics_port": 0, **settings})
+        self.server, self.port, self.app = lt.run(create_server(self.settings))
+        lt.run(self.app.start())
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.lt.run(self.app.stop(0))
+
+
+@pytest.fixture(scope="session")
+def start_service(loop_thread: LoopThread) -> Iterator[Callable[..., ServiceHandle]]:
+    """``start_service(**settings)`` starts a server on port 0; all are stopped at the end."""
+    started: list[ServiceHandle] = []
+
+    def start(**settings: Any) -> ServiceHandle:
+        handle = ServiceHandle(loop_thread, **settings)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()

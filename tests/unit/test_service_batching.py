@@ -1,0 +1,212 @@
+"""The batcher with a fake model and a fake backend: merging, ordering, bounds, failures, deadlines,
+cancellation. Each test runs its own event loop (``asyncio.run``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from quotient_models import serving
+from quotient_models.projections import ProjectionInfo, ProjectionOutput
+from quotient_models.runtime import EmbeddingModel, InputLimits
+from quotient_models.spec import ModelSpec
+from quotient_service.backends.base import Backend
+from quotient_service.batching import Batcher
+from quotient_service.config import Settings
+from quotient_service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+
+
+class FakeModel(EmbeddingModel):
+    """Items are 3-vectors; the embedding of x is [sum(x), x0 * 2]; pose = x0 (degrees)."""
+
+    def __init__(self) -> None:
+        self.spec = ModelSpec("fake", "1", "", "image", "fake", {}, "p", Path("."), {})
+
+    def projections(self) -> list[ProjectionInfo]:
+        return [ProjectionInfo("p", 2, True, "")]
+
+    def prepare(self, data: bytes, limits: InputLimits) -> np.ndarray:
+        raise NotImplementedError
+
+    def collate(self, items: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {"x": np.stack(items)}
+
+    def embed_batch(self, arrays, projection=None) -> ProjectionOutput:
+        x = arrays["x"]
+        return ProjectionOutput(np.stack([x.sum(1), x[:, 0] * 2], 1).astype(np.float32), x[:, 0])
+
+
+class FakeBackend(Backend):
+    def __init__(self, model: EmbeddingModel) -> None:
+        self.model, self.batches, self.fail_next = model, [], False
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def start(self): ...
+    async def stop(self): ...
+    async def ready(self):
+        return True
+
+    def models(self):
+        return {"fake": self.model}
+
+    async def run(self, model_name: str, payload: bytes) -> bytes:
+        await self.gate.wait()
+        arrays = serving._decode_batch(payload)[0]
+        self.batches.append(len(arrays["x"]))
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("backend crashed")
+        return serving.handle_payload(self.model, payload)
+
+
+def items(*values: float) -> list[np.ndarray]:
+    return [np.array([v, 1.0, 2.0], np.float32) for v in values]
+
+
+def expected(vals) -> np.ndarray:
+    return np.array([[v + 3.0, v * 2] for v in vals], np.float32)
+
+
+def make(**overrides) -> tuple[Batcher, FakeBackend, FakeModel]:
+    model = FakeModel()
+    backend = FakeBackend(model)
+    settings = Settings(**{"max_batch_delay_ms": 20.0, **overrides})
+    return Batcher(backend, settings), backend, model
+
+
+def later(seconds: float = 5.0) -> float:
+    return time.monotonic() + seconds
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_concurrent_requests_merge_into_one_batch_and_keep_their_own_rows():
+    async def main():
+        batcher, backend, model = make(max_batch_delay_ms=50.0)
+        requests = [[1.0], [2.0, 3.0], [4.0, 5.0, 6.0], [7.0]]
+        results = await asyncio.gather(
+            *(batcher.submit(model, "p", items(*r), later()) for r in requests)
+        )
+        assert backend.batches == [7]
+        for r, res in zip(requests, results, strict=True):
+            np.testing.assert_array_equal(res.values, expected(r))
+            np.testing.assert_array_equal(res.poses, r)
+            assert res.batch_size == 7
+        await batcher.stop()
+
+    run(main())
+
+
+def test_a_large_request_spans_batches_and_reassembles_in_order():
+    async def main():
+        batcher, backend, model = make(max_batch_items=4)
+        vals = [float(v) for v in range(10)]
+        res = await batcher.submit(model, "p", items(*vals), later())
+        assert backend.batches == [4, 4, 2]
+        np.testing.assert_array_equal(res.values, expected(vals))
+        assert res.batch_size == 10
+        await batcher.stop()
+
+    run(main())
+
+
+def test_cost_budget_limits_a_batch():
+    async def main():
+        batcher, backend, model = make(max_batch_cost=6)  # each item costs 3 (its size)
+        await batcher.submit(model, "p", items(1, 2, 3, 4, 5), later())
+        assert backend.batches == [2, 2, 1]
+        await batcher.stop()
+
+    run(main())
+
+
+def test_queue_overflow_is_refused_at_once():
+    async def main():
+        batcher, backend, model = make(max_queue_items=4, max_batch_items=2, max_batch_delay_ms=0)
+        backend.gate.clear()  # the first batch blocks in the backend
+        first = asyncio.create_task(batcher.submit(model, "p", items(1, 2), later()))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(batcher.submit(model, "p", items(3, 4, 5, 6), later()))
+        await asyncio.sleep(0.05)
+        assert batcher.queued == 4
+        with pytest.raises(ResourceExhausted):
+            await batcher.submit(model, "p", items(7), later())
+        backend.gate.set()
+        assert len((await first).values) == 2 and len((await second).values) == 4
+        assert batcher.queued == 0
+        await batcher.stop()
+
+    run(main())
+
+
+def test_a_failed_batch_fails_only_its_requests_and_the_worker_goes_on():
+    async def main():
+        batcher, backend, model = make(max_batch_delay_ms=0)
+        backend.fail_next = True
+        with pytest.raises(Unavailable):
+            await batcher.submit(model, "p", items(1), later())
+        res = await batcher.submit(model, "p", items(2), later())
+        np.testing.assert_array_equal(res.values, expected([2]))
+        await batcher.stop()
+
+    run(main())
+
+
+def test_stale_items_are_dropped_before_they_cost_a_batch():
+    async def main():
+        batcher, backend, model = make(max_batch_delay_ms=0, max_batch_items=1)
+        backend.gate.clear()
+        first = asyncio.create_task(batcher.submit(model, "p", items(1), later()))
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(model, "p", items(2, 3), later(0.1))
+        assert batcher.queued == 0
+        backend.gate.set()
+        await first
+        await asyncio.sleep(0.05)
+        assert backend.batches == [1]  # the stale request's items never ran
+        await batcher.stop()
+
+    run(main())
+
+
+def test_a_cancelled_call_leaves_the_queue():
+    async def main():
+        batcher, backend, model = make(max_batch_delay_ms=0, max_batch_items=1)
+        backend.gate.clear()
+        first = asyncio.create_task(batcher.submit(model, "p", items(1), later()))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(batcher.submit(model, "p", items(2, 3, 4), later()))
+        await asyncio.sleep(0.05)
+        assert batcher.queued == 3
+        second.cancel()
+        await asyncio.sleep(0.01)
+        assert batcher.queued == 0
+        backend.gate.set()
+        await first
+        assert backend.batches == [1]
+        await batcher.stop()
+
+    run(main())
+
+
+def test_stop_fails_waiting_requests():
+    async def main():
+        batcher, backend, model = make(max_batch_delay_ms=0, max_batch_items=1)
+        backend.gate.clear()
+        running = asyncio.create_task(batcher.submit(model, "p", items(1), later()))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(batcher.submit(model, "p", items(2, 3), later()))
+        await asyncio.sleep(0.05)
+        await batcher.stop()
+        for task in (running, waiting):  # in a running batch or still queued: both fail at once
+            with pytest.raises(Unavailable):
+                await asyncio.wait_for(task, 1.0)
+
+    run(main())
