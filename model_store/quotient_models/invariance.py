@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["InvarianceReport", "assert_invariant", "default_rtol", "invariance_report", "relative_change"]
+__all__ = [
+    "InvarianceReport",
+    "assert_invariant",
+    "default_rtol",
+    "invariance_report",
+    "relative_change",
+]
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -39,8 +45,13 @@ class InvarianceReport:
     per_transform: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        rows = [f"  {k:>12}: median {v['median']:.2e}  max {v['max']:.2e}" for k, v in self.per_transform.items()]
-        return f"median {self.median:.2e}, p99 {self.p99:.2e}, max {self.max:.2e}\n" + "\n".join(rows)
+        rows = [
+            f"  {k:>12}: median {v['median']:.2e}  max {v['max']:.2e}"
+            for k, v in self.per_transform.items()
+        ]
+        return f"median {self.median:.2e}, p99 {self.p99:.2e}, max {self.max:.2e}\n" + "\n".join(
+            rows
+        )
 
 
 def invariance_report(
@@ -83,5 +94,7 @@ def assert_invariant(
     tol = rtol if rtol is not None else default_rtol(np.asarray(fn(x[:1])).dtype)
     value = getattr(report, statistic)
     if value > tol:
-        raise AssertionError(f"not invariant: {statistic} relative change {value:.3e} > {tol:.1e}\n{report}")
+        raise AssertionError(
+            f"not invariant: {statistic} relative change {value:.3e} > {tol:.1e}\n{report}"
+        )
     return report

@@ -60,7 +60,9 @@ class OnnxEncoder:
         self.providers = self.session.get_providers()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[
+            0
+        ]
 
 
 class TorchEncoder:
@@ -72,7 +74,9 @@ class TorchEncoder:
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.device = torch.device(device if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
+        self.device = torch.device(
+            device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+        )
         self.module = torch.jit.load(str(path), map_location=self.device).eval()
         self.providers = [str(self.device)]
 
@@ -97,7 +101,9 @@ class EmbeddingModel(ABC):
     def collate(self, items: list[np.ndarray]) -> dict[str, np.ndarray]: ...
 
     @abstractmethod
-    def embed_batch(self, arrays: dict[str, np.ndarray], projection: str | None = None) -> ProjectionOutput: ...
+    def embed_batch(
+        self, arrays: dict[str, np.ndarray], projection: str | None = None
+    ) -> ProjectionOutput: ...
 
     def item_cost(self, item: np.ndarray) -> int:
         """Cost of one prepared item for the batcher's budget (pixels, atoms, ...)."""
@@ -107,7 +113,9 @@ class EmbeddingModel(ABC):
         chosen = name or self.spec.default_projection
         known = [p.name for p in self.projections()]
         if chosen not in known:
-            raise KeyError(f"model {self.spec.name!r} has no projection {chosen!r}; known: {', '.join(known)}")
+            raise KeyError(
+                f"model {self.spec.name!r} has no projection {chosen!r}; known: {', '.join(known)}"
+            )
         return chosen
 
 
@@ -133,19 +141,23 @@ class ImageModel(EmbeddingModel):
     def latent(self, x: np.ndarray) -> np.ndarray:
         """Encoder output of images [B, 1, S, S] as [B, C, N]."""
         if x.ndim != 4 or x.shape[1:] != (1, self.size, self.size):
-            raise InputError(f"expected images of shape [B, 1, {self.size}, {self.size}], got {list(x.shape)}")
+            raise InputError(
+                f"expected images of shape [B, 1, {self.size}, {self.size}], got {list(x.shape)}"
+            )
         z = self.encoder(x)
         return z.reshape(len(x), self.head.fields, self.head.order)
 
     def embed(self, x: np.ndarray, projection: str | None = None) -> ProjectionOutput:
         return self.head.apply(self.resolve_projection(projection), self.latent(x))
 
-    def embed_batch(self, arrays: dict[str, np.ndarray], projection: str | None = None) -> ProjectionOutput:
+    def embed_batch(
+        self, arrays: dict[str, np.ndarray], projection: str | None = None
+    ) -> ProjectionOutput:
         return self.embed(arrays["image"], projection)
 
 
 class _NoEncoder:
-    """Stands in for the encoder where only preparation runs (the service in front of TorchServe)."""
+    """The encoder where only preparation runs (the service in front of TorchServe)."""
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         raise RuntimeError("this model was loaded without an encoder (engine=None)")
@@ -159,6 +171,12 @@ def load_model(
     spec = ModelSpec.load(model_dir)
     if engine is not None and engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    if (
+        spec.modality == "molecule"
+    ):  # imported here: RDKit is only needed where molecules are served
+        from quotient_models.molecules.model import load_molecule_model
+
+        return load_molecule_model(model_dir, engine, device, threads)
     if spec.modality != "image":
         raise ValueError(f"{spec.name}: modality {spec.modality!r} is not served by this version")
     encoder: Encoder

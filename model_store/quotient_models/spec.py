@@ -1,4 +1,4 @@
-"""A model directory's description (``model.json``): what the service needs without loading weights."""
+"""A model directory's description (``model.json``): what serving needs before any weights."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ class ModelSpec:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no model.json; is this a model directory?") from None
-        missing = [k for k in ("name", "version", "modality", "architecture", "group") if k not in raw]
+        missing = [
+            k for k in ("name", "version", "modality", "architecture", "group") if k not in raw
+        ]
         if missing:
             raise ValueError(f"{path}: missing keys {missing}")
         metrics_file = directory / raw.get("metrics", "metrics.json")

@@ -28,7 +28,11 @@ def _module(fields: int, seed: int):  # type: ignore[no-untyped-def]
         def __init__(self) -> None:
             super().__init__()
             self.f = nn.Sequential(
-                nn.Conv2d(1, 8, 5, padding=2), nn.ReLU(), nn.AvgPool2d(4), nn.Flatten(), nn.LazyLinear(fields)
+                nn.Conv2d(1, 8, 5, padding=2),
+                nn.ReLU(),
+                nn.AvgPool2d(4),
+                nn.Flatten(),
+                nn.LazyLinear(fields),
             )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,8 +48,10 @@ def _module(fields: int, seed: int):  # type: ignore[no-untyped-def]
     return module.eval()
 
 
-def write_tiny_image_model(directory: str | Path, name: str = "tiny-c4", fields: int = 4, seed: int = 0) -> Path:
-    """Write a complete model directory (model.json, ONNX, TorchScript, projections) and return it."""
+def write_tiny_image_model(
+    directory: str | Path, name: str = "tiny-c4", fields: int = 4, seed: int = 0
+) -> Path:
+    """Write a complete model directory (model.json, ONNX, TorchScript, projections)."""
     import torch
 
     out = Path(directory)
@@ -54,8 +60,13 @@ def write_tiny_image_model(directory: str | Path, name: str = "tiny-c4", fields:
     example = torch.rand(2, 1, 28, 28)
     torch.jit.trace(module, example).save(str(out / "encoder.pt"))
     torch.onnx.export(
-        module, (example,), str(out / "encoder.onnx"), dynamo=False, opset_version=17,
-        input_names=["image"], output_names=["latent"],
+        module,
+        (example,),
+        str(out / "encoder.onnx"),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["latent"],
         dynamic_axes={"image": {0: "batch"}, "latent": {0: "batch"}},
     )
     CyclicProjectionHead.create(fields, 4, seed=seed, rotation_shift=1).save(out / "projection.npz")
@@ -68,7 +79,11 @@ def write_tiny_image_model(directory: str | Path, name: str = "tiny-c4", fields:
         "group": {"name": "C4", "order": 4, "description": "rotations by multiples of 90 degrees"},
         "input": {"size": 28, "channels": 1},
         "latent": {"fields": fields, "group_order": 4, "rotation_shift": 1},
-        "projection_head": {"file": "projection.npz", "seed": seed, "maxfilter_templates": fields * 4},
+        "projection_head": {
+            "file": "projection.npz",
+            "seed": seed,
+            "maxfilter_templates": fields * 4,
+        },
         "default_projection": "align",
         "encoder": {"onnx": "encoder.onnx", "torchscript": "encoder.pt"},
         "card": "MODEL_CARD.md",

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from quotient_models import serving
 from quotient_models.runtime import EmbeddingModel
-
 from quotient_service.backends.base import Backend
 from quotient_service.config import Settings
 from quotient_service.errors import DeadlineExceeded, QuotientError, ResourceExhausted, Unavailable

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
 from quotient_models.errors import InputError
 from quotient_models.runtime import EmbeddingModel, InputLimits
-
 from quotient_service.backends.base import Backend
 from quotient_service.batching import Batcher
 from quotient_service.config import Settings
@@ -25,7 +25,7 @@ from quotient_service.errors import InvalidArgument, NotFound, Unavailable
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "EmbedResult", "Engine", "Item"]
 
-Item = tuple[str | None, bytes | str]
+Item = tuple[str | None, bytes]
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 _DATA_FIELDS = {"image": "image.data", "molecule": "molecule.smiles"}  # for FieldViolation
 

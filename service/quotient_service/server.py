@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_reflection.v1alpha import reflection
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 
+from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 from quotient_service.backends import Backend, create_backend
 from quotient_service.batching import Batcher
 from quotient_service.config import ConfigError, Settings, load_settings

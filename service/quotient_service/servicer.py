@@ -15,10 +15,10 @@ from typing import TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+
 from quotient.v1 import embedding_service_pb2 as pb
 from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 from quotient_models.runtime import EmbeddingModel
-
 from quotient_service import errors
 from quotient_service.config import Settings
 from quotient_service.engine import EmbedResult, Engine, Item
@@ -125,7 +125,8 @@ def _items(request: pb.EmbedRequest) -> list[Item]:
     items: list[Item] = []
     for item in request.inputs:
         kind = item.WhichOneof("kind")
-        data = item.image.data if kind == "image" else item.molecule.smiles
+        # the model contract takes bytes: SMILES travel as UTF-8
+        data = item.image.data if kind == "image" else item.molecule.smiles.encode("utf-8")
         items.append((kind, data))
     return items
 

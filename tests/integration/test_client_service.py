@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import quotient_client as qc
 from PIL import Image
+
+import quotient_client as qc
 
 INVARIANT = ["align", "maxfilter", "mean", "max"]
 

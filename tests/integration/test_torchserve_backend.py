@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from quotient_models import serving
 from quotient_models.invariance import relative_change
 from quotient_models.runtime import load_model

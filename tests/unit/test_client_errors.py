@@ -10,10 +10,11 @@ from concurrent import futures
 
 import grpc
 import pytest
-import quotient_client as qc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+import quotient_client as qc
 from quotient.v1 import embedding_service_pb2 as pb
 from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+
 from quotient.v1 import embedding_service_pb2 as pb
 from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 from quotient_client import Client, ModelNotFoundError, encode_image

@@ -9,10 +9,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from ts.utils.util import PredictionException
+
 from quotient_models import serving
 from quotient_models.runtime import load_model
 from quotient_models.testing import write_tiny_image_model
-from ts.utils.util import PredictionException
 
 HANDLER = Path(__file__).resolve().parents[2] / "model_store" / "handlers" / "quotient_handler.py"
 

@@ -1,4 +1,4 @@
-"""The image input policy (docs/api.md): decoding, limits, polarity, fitting, and exact 90° rotations."""
+"""The image input policy (docs/api.md): decoding, limits, polarity, fitting, exact 90° turns."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def digit(h: int = 28, w: int = 28, seed: int = 0) -> np.ndarray:
     """A dark image with an asymmetric bright blob, uint8."""
     rng = np.random.default_rng(seed)
     img = np.zeros((h, w), np.uint8)
-    img[h // 4 : h // 2, w // 5 : (3 * w) // 5] = rng.integers(120, 255, (h // 2 - h // 4, (3 * w) // 5 - w // 5))
+    img[h // 4 : h // 2, w // 5 : (3 * w) // 5] = rng.integers(
+        120, 255, (h // 2 - h // 4, (3 * w) // 5 - w // 5)
+    )
     return img
 
 
@@ -47,14 +49,16 @@ def test_policy_commutes_with_90_degree_rotations(shape, k):
 def test_light_background_is_inverted():
     img = digit()
     np.testing.assert_allclose(
-        decode_image(encode(255 - img), 28, **LIMITS), decode_image(encode(img), 28, **LIMITS), atol=1e-6
+        decode_image(encode(255 - img), 28, **LIMITS),
+        decode_image(encode(img), 28, **LIMITS),
+        atol=1e-6,
     )
 
 
 def test_rgb_jpeg_and_transparent_png_are_accepted():
     rgb = np.stack([digit()] * 3, axis=-1)
     out = decode_image(encode(rgb, "JPEG"), 28, **LIMITS)
-    assert out.shape == (28, 28) and 0 <= out.min() and out.max() <= 1
+    assert out.shape == (28, 28) and out.min() >= 0 and out.max() <= 1
     rgba = np.zeros((28, 28, 4), np.uint8)
     rgba[..., 3] = digit()  # black ink drawn only through alpha, on a transparent background
     out = decode_image(encode(rgba, mode="RGBA"), 28, **LIMITS)
@@ -73,8 +77,16 @@ def test_non_square_is_fitted_and_centred_symmetrically():
     [
         (b"", LIMITS, "empty image data"),
         (b"not an image at all", LIMITS, "not a decodable image"),
-        (b"x" * 2000, {"max_input_bytes": 1000, "max_pixels": 1 << 20}, "above the limit of 1000 bytes"),
-        (encode(np.zeros((300, 300), np.uint8)), {"max_input_bytes": 1 << 20, "max_pixels": 10_000}, "90000 pixels"),
+        (
+            b"x" * 2000,
+            {"max_input_bytes": 1000, "max_pixels": 1 << 20},
+            "above the limit of 1000 bytes",
+        ),
+        (
+            encode(np.zeros((300, 300), np.uint8)),
+            {"max_input_bytes": 1 << 20, "max_pixels": 10_000},
+            "90000 pixels",
+        ),
         (encode(digit())[:60], LIMITS, "corrupt or truncated"),
     ],
 )

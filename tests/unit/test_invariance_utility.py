@@ -1,11 +1,16 @@
-"""The invariance utility itself, checked against invariant and deliberately non-invariant functions."""
+"""The invariance utility, checked against invariant and deliberately non-invariant functions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from quotient_models.invariance import assert_invariant, default_rtol, invariance_report, relative_change
+from quotient_models.invariance import (
+    assert_invariant,
+    default_rtol,
+    invariance_report,
+    relative_change,
+)
 
 x = np.random.default_rng(0).standard_normal((20, 3, 4)).astype(np.float32)
 shifts = {f"roll{k}": (lambda a, k=k: np.roll(a, k, axis=-1)) for k in range(1, 4)}

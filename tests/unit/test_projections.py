@@ -34,7 +34,9 @@ def test_invariant_projections_are_invariant(head, z, name):
 
 def test_raw_latent_is_detected_as_not_invariant(head, z):
     with pytest.raises(AssertionError, match="not invariant"):
-        assert_invariant(lambda x: head.apply("raw", x).values, z, rolls(N), rtol=1e-3, statistic="median")
+        assert_invariant(
+            lambda x: head.apply("raw", x).values, z, rolls(N), rtol=1e-3, statistic="median"
+        )
 
 
 def test_aligned_output_lies_on_the_input_orbit(head, z):
@@ -70,7 +72,9 @@ def test_pooling_loses_relative_phase(head):
     b = a.copy()
     b[0, 0] = np.roll(b[0, 0], 3)  # roll one field only: another orbit, same pooled values
     for name in ("mean", "max"):
-        np.testing.assert_allclose(head.apply(name, a).values, head.apply(name, b).values, rtol=1e-6)
+        np.testing.assert_allclose(
+            head.apply(name, a).values, head.apply(name, b).values, rtol=1e-6
+        )
     assert not np.allclose(head.apply("align", a).values, head.apply("align", b).values)
 
 

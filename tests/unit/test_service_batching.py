@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from quotient_models import serving
 from quotient_models.projections import ProjectionInfo, ProjectionOutput
 from quotient_models.runtime import EmbeddingModel, InputLimits

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+
 from quotient_service.config import (
     REPO_ROOT,
     ConfigError,

@@ -10,9 +10,9 @@ from typing import Any, Literal, overload
 
 import grpc
 import numpy as np
+
 from quotient.v1 import embedding_service_pb2 as pb
 from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
-
 from quotient_client._errors import (
     DeadlineExceededError,
     ModelNotFoundError,

@@ -14,6 +14,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 from PIL import Image
+
 from quotient.v1 import embedding_service_pb2 as pb
 
 __all__ = [

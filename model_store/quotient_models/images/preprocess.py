@@ -46,13 +46,17 @@ def _open(data: bytes, max_input_bytes: int, max_pixels: int) -> Image.Image:
     if width < 1 or height < 1:
         raise InputError(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise InputError(f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}")
+        raise InputError(
+            f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
+        )
     try:
         image.seek(0)
         image.load()
         return ImageOps.exif_transpose(image) or image
     except Exception as exc:
-        raise InputError(f"image data is corrupt or truncated ({image.format}): {_clean(exc)}") from None
+        raise InputError(
+            f"image data is corrupt or truncated ({image.format}): {_clean(exc)}"
+        ) from None
 
 
 def _clean(exc: Exception) -> str:

@@ -49,7 +49,7 @@ def align(z: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def max_filter(z: np.ndarray, templates: np.ndarray) -> np.ndarray:
-    """Random max filtering: max over shifts of <roll(z, s), t_k> for templates [K, C, N] → [B, K]."""
+    """Random max filtering: max_s <roll(z, s), t_k> for templates [K, C, N] → [B, K]."""
     return _shift_scores(z, templates).max(axis=1)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from quotient_models.runtime import EmbeddingModel
-
 from quotient_service.config import Settings
 
 __all__ = ["Backend"]

@@ -13,10 +13,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
 from quotient_models import serving
 from quotient_models.runtime import EmbeddingModel, InputLimits, load_model
 from quotient_models.spec import discover_models
-
 from quotient_service.backends.base import Backend
 from quotient_service.config import Settings, resolve_repo_path
 from quotient_service.errors import NotFound, Unavailable
@@ -50,7 +50,7 @@ def warmup_payload(model: EmbeddingModel) -> bytes:
     elif model.spec.modality == "image":
         item = np.zeros((1, model.spec.input_size, model.spec.input_size), dtype=np.float32)
     elif model.spec.modality == "molecule":
-        item = model.prepare("CCO", InputLimits())  # type: ignore[arg-type]
+        item = model.prepare(b"CCO", InputLimits())
     else:
         raise ValueError(
             f"{model.spec.name}: no warm-up input for modality {model.spec.modality!r}"

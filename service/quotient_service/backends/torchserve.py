@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from quotient_models.runtime import EmbeddingModel, load_model
 from quotient_models.spec import ModelSpec, discover_models
-
 from quotient_service.backends.base import Backend
 from quotient_service.backends.embedded import warmup_payload
 from quotient_service.config import Settings, resolve_repo_path
