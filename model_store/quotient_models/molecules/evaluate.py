@@ -1,0 +1,604 @@
+"""The molecule model card's figures, one command each (issue 3, item 5):
+
+    python -m quotient_models.molecules.evaluate invariance     --data data/qm9 --model DIR
+    python -m quotient_models.molecules.evaluate reconstruction --data data/qm9 --model DIR
+    python -m quotient_models.molecules.evaluate regression     --data data/qm9 --model DIR
+    python -m quotient_models.molecules.evaluate all            --data data/qm9 --model DIR
+
+- invariance: every test molecule is written as SMILES with ``--numberings`` random atom
+  numberings (RDKit ``RenumberAtoms``, then non-canonical SMILES) and embedded through the serving
+  path; the largest relative change of each projection, and the number of distinct test molecules
+  (by canonical SMILES) whose default embedding coincides with another's (relative distance
+  ≤ ``--coincide-rtol``); also how often QM9's own SMILES atom order is RDKit's canonical one.
+- reconstruction: exact reconstruction rate (decoded canonical SMILES == input's) from the sorted
+  embedding and from the raw latent (QM9's SMILES order), and their agreement; as a diagnostic,
+  the agreement when the raw rows are decoded in their own order (no canonical reordering).
+- regression: test MAE for the HOMO-LUMO gap and the isotropic polarizability from every
+  projection, from the raw latent in QM9's SMILES order and in a random atom order, with two
+  regressors (gradient boosting on all training embeddings; RBF kernel ridge on standardized
+  features), each with the same settings for every feature set.
+Results are merged into the model directory's metrics.json and MODEL_CARD.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quotient_models.invariance import relative_change
+from quotient_models.molecules.data import QM9, load
+from quotient_models.molecules.featurize import featurize
+from quotient_models.molecules.model import MoleculeModel, load_molecule_model
+from quotient_models.molecules.train import dense_arrays
+
+__all__ = ["invariance", "main", "reconstruction", "regression"]
+
+PROJECTIONS = ("sorted", "sum", "mean", "raw")
+TARGETS = ("gap", "alpha")
+
+
+def _embed_arrays(
+    model: MoleculeModel, arrays: dict[str, np.ndarray], batch: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    zs, masks = [], []
+    for s in range(0, len(arrays["atoms"]), batch):
+        z, m = model.latent({k: v[s : s + batch] for k, v in arrays.items()})
+        zs.append(z)
+        masks.append(m)
+    return np.concatenate(zs), np.concatenate(masks)
+
+
+def _rows(data: QM9, split: str, limit: int | None, seed: int) -> np.ndarray:
+    rows = data.rows(split)
+    if limit and limit < len(rows):
+        rows = np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+    return rows
+
+
+def invariance(
+    model: MoleculeModel,
+    data: QM9,
+    limit: int | None,
+    numberings: int,
+    seed: int,
+    coincide_rtol: float,
+) -> dict[str, Any]:
+    from rdkit import Chem
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    rows = _rows(data, "test", limit, seed)
+    base_graphs, variant_graphs = [], []
+    for r in tqdm(rows, desc="renumber", mininterval=5):
+        smiles = str(data.arrays["qm9_smiles"][r])
+        mol = Chem.MolFromSmiles(smiles)
+        base_graphs.append(featurize(smiles, model.domain))
+        for _ in range(numberings):
+            perm = rng.permutation(mol.GetNumAtoms()).tolist()
+            variant = Chem.MolToSmiles(Chem.RenumberAtoms(mol, perm), canonical=False)
+            variant_graphs.append(featurize(variant, model.domain))
+    base = model.collate_graphs(base_graphs)
+    variants = model.collate_graphs(variant_graphs)
+    zb, mb = _embed_arrays(model, base)
+    zv, mv = _embed_arrays(model, variants)
+    result: dict[str, Any] = {"molecules": len(rows), "numberings": numberings}
+    for name in PROJECTIONS:
+        eb = np.repeat(model.head.apply(name, zb, mb).values, numberings, axis=0)
+        ev = model.head.apply(name, zv, mv).values
+        rel = relative_change(eb, ev)
+        result[f"max_relative_change_{name}"] = float(rel.max())
+        result[f"median_relative_change_{name}"] = float(np.median(rel))
+    result["coincident_distinct_molecules"] = {
+        name: _coincidences(
+            model.head.apply(name, zb, mb).values, [g.smiles for g in base_graphs], coincide_rtol
+        )
+        for name in ("sorted", "sum", "mean")
+    }
+    result["coincide_rtol"] = coincide_rtol
+    result["molecules_with_symmetric_atoms"] = int(
+        sum(int(g.symmetry.max() > 0) for g in base_graphs)
+    )
+    result["qm9_order_is_rdkit_canonical"] = _canonical_order_fraction(
+        [str(data.arrays["qm9_smiles"][r]) for r in rows]
+    )
+    return result
+
+
+def _canonical_order_fraction(smiles: list[str]) -> float:
+    """Fraction of SMILES whose atom order is RDKit's canonical atom order (then ``raw`` in that
+    order is itself a canonical, i.e. invariant, ordering for these strings)."""
+    from rdkit import Chem
+
+    same = 0
+    for s in smiles:
+        mol = Chem.MolFromSmiles(s)
+        Chem.MolToSmiles(mol, isomericSmiles=False)
+        order = [int(k) for k in mol.GetProp("_smilesAtomOutputOrder").strip("[],").split(",")]
+        same += order == list(range(mol.GetNumAtoms()))
+    return same / max(len(smiles), 1)
+
+
+def _coincidences(values: np.ndarray, smiles: list[str], rtol: float) -> dict[str, Any]:
+    """Distinct molecules (by canonical SMILES) whose embedding is within rtol·‖e‖ of another's."""
+    from sklearn.neighbors import NearestNeighbors
+
+    first = {s: k for k, s in reversed(list(enumerate(smiles)))}
+    keep = np.array(sorted(first.values()))
+    v = values[keep].astype(np.float64)
+    dist, _ = NearestNeighbors(n_neighbors=2).fit(v).kneighbors(v)
+    rel = dist[:, 1] / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
+    return {
+        "distinct": len(keep),
+        "coinciding": int((rel <= rtol).sum()),
+        "min_relative_nn_distance": float(rel.min()),
+    }
+
+
+def reconstruction(model: MoleculeModel, data: QM9, limit: int | None, seed: int) -> dict[str, Any]:
+    atoms, bonds = dense_arrays(data, model.domain)
+    rows = _rows(data, "test", limit, seed)
+    z, mask = _embed_arrays(model, {"atoms": atoms[rows], "bonds": bonds[rows]})
+    truth = [str(s) for s in data.arrays["smiles"][rows]]
+    out: dict[str, Any] = {"molecules": len(rows)}
+    decoded = {}
+    for name in ("sorted", "raw"):
+        values = model.head.apply(name, z, mask).values
+        decoded[name] = [
+            d for s in range(0, len(values), 4096) for d in model.decode(values[s : s + 4096])
+        ]
+        hits = [d.smiles == t for d, t in zip(decoded[name], truth, strict=True)]
+        out[f"exact_rate_{name}"] = float(np.mean(hits))
+        out[f"invalid_rate_{name}"] = float(np.mean([d.smiles is None for d in decoded[name]]))
+        reasons = Counter((d.reason or "").split(":")[0] for d in decoded[name] if d.smiles is None)
+        out[f"invalid_reasons_{name}"] = dict(reasons.most_common(5))
+    symmetric = atoms[rows][..., 3].max(axis=1) > 0  # some atoms share a symmetry class
+    hits_sorted = np.array([d.smiles == t for d, t in zip(decoded["sorted"], truth, strict=True)])
+    out["molecules_with_symmetric_atoms"] = int(symmetric.sum())
+    out["exact_rate_sorted_symmetric"] = float(hits_sorted[symmetric].mean())
+    out["exact_rate_sorted_no_symmetric"] = float(hits_sorted[~symmetric].mean())
+    # diagnostic: the raw rows decoded in their own order, without the canonical reordering
+    raw_own = [
+        d
+        for s in range(0, len(z), 4096)
+        for d in model.decode_latent(z[s : s + 4096], mask[s : s + 4096], canonical=False)
+    ]
+    out["agreement_uncanonicalised"] = float(
+        np.mean([a.smiles == b.smiles for a, b in zip(decoded["sorted"], raw_own, strict=True)])
+    )
+    out["agreement_sorted_raw"] = float(  # same SMILES, or invalid both times
+        np.mean(
+            [a.smiles == b.smiles for a, b in zip(decoded["sorted"], decoded["raw"], strict=True)]
+        )
+    )
+    return out
+
+
+def _renumber(
+    z: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each molecule's real rows in a random order (padding stays last)."""
+    keys = np.where(mask, rng.random(mask.shape), np.inf)
+    order = np.argsort(keys, axis=1)
+    return np.take_along_axis(z, order[..., None], axis=1), np.take_along_axis(mask, order, axis=1)
+
+
+KRR_GRID = {"gamma_scale": (0.5, 1.0, 2.0), "alpha": (1e-3, 1e-2, 1e-1)}
+
+
+def _standardize(x_tr: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    mu, sd = x_tr.mean(0), x_tr.std(0)
+    sd = np.where(sd > 1e-6, sd, 1.0)
+    return [((x - mu) / sd).astype(np.float64) for x in (x_tr, *others)]
+
+
+def _rbf(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.exp(-gamma * np.maximum(sq, 0.0))
+
+
+def _krr_predict(
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    x_va: np.ndarray,
+    y_va: np.ndarray,
+    x_te: np.ndarray,
+    fit_rows: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Kernel ridge regression (RBF) on standardized features, targets standardized; the same
+    procedure for every feature set: gamma = scale / median squared distance, (scale, alpha)
+    chosen on the validation split by the mean standardized MAE over the targets, then refit on
+    ``fit_rows`` training molecules. Returns test predictions [n_te, n_targets] and the choice."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    x_tr, x_va, x_te = _standardize(x_tr, x_va, x_te)
+    y_mu, y_sd = y_tr.mean(0), y_tr.std(0)
+    ys = (y_tr - y_mu) / y_sd
+    sub = rng.choice(len(x_tr), min(2000, len(x_tr)), replace=False)
+    sq = (x_tr[sub] ** 2).sum(1)
+    d2 = sq[:, None] + sq[None, :] - 2 * x_tr[sub] @ x_tr[sub].T
+    median = float(np.median(d2[np.triu_indices(len(sub), 1)]))
+    sel = rng.choice(len(x_tr), min(fit_rows // 2, len(x_tr)), replace=False)
+    best: tuple[float, float, float] | None = None
+    for scale in KRR_GRID["gamma_scale"]:
+        gamma = scale / median
+        k = _rbf(x_tr[sel], x_tr[sel], gamma)
+        k_va = _rbf(x_va, x_tr[sel], gamma)
+        for alpha in KRR_GRID["alpha"]:
+            c = cho_factor(k + alpha * np.eye(len(sel)))
+            pred = k_va @ cho_solve(c, ys[sel]) * y_sd + y_mu
+            score = float((np.abs(pred - y_va).mean(0) / y_sd).mean())
+            if best is None or score < best[0]:
+                best = (score, scale, alpha)
+    assert best is not None
+    _, scale, alpha = best
+    fit = rng.choice(len(x_tr), min(fit_rows, len(x_tr)), replace=False)
+    gamma = scale / median
+    c = cho_factor(_rbf(x_tr[fit], x_tr[fit], gamma) + alpha * np.eye(len(fit)))
+    coef = cho_solve(c, ys[fit])
+    pred = np.concatenate(
+        [_rbf(x_te[s : s + 4096], x_tr[fit], gamma) @ coef for s in range(0, len(x_te), 4096)]
+    )
+    return pred * y_sd + y_mu, {"gamma_scale": scale, "alpha": alpha}
+
+
+def regression(
+    model: MoleculeModel,
+    data: QM9,
+    train_limit: int | None,
+    seed: int,
+    krr_rows: int = 12000,
+    regressors: tuple[str, ...] = ("hgb", "krr"),
+) -> dict[str, Any]:
+    """Test MAE per target and feature set for each regressor (the same settings for every
+    feature set; nothing is tuned per projection).
+
+    Feature sets: the projections (``raw`` = per-atom latents in the atom order of QM9's own
+    SMILES, which is close to a canonical order), and ``raw_renumbered`` = the same latents with
+    each molecule's atoms in a random order (what ``raw`` means for SMILES written by anyone)."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    atoms, bonds = dense_arrays(data, model.domain)
+    tr, va, te = _rows(data, "train", train_limit, seed), data.rows("val"), data.rows("test")
+    descriptions = {
+        "hgb": "HistGradientBoostingRegressor(max_iter=300, early_stopping) on all features",
+        "krr": f"RBF kernel ridge on standardized features, {min(krr_rows, len(tr))} training "
+        "molecules, gamma = s / median squared distance, (s, alpha) from "
+        f"{KRR_GRID['gamma_scale']} x {KRR_GRID['alpha']} by validation MAE (same rule for all)",
+    }
+    out: dict[str, Any] = {
+        "train_molecules": len(tr),
+        "test_molecules": len(te),
+        "regressors": {r: descriptions[r] for r in regressors},
+        "mae": {r: {} for r in regressors},
+    }
+    z_tr, m_tr = _embed_arrays(model, {"atoms": atoms[tr], "bonds": bonds[tr]})
+    z_va, m_va = _embed_arrays(model, {"atoms": atoms[va], "bonds": bonds[va]})
+    z_te, m_te = _embed_arrays(model, {"atoms": atoms[te], "bonds": bonds[te]})
+    rng = np.random.default_rng(seed)
+    feats = {
+        name: tuple(model.head.apply(name, z, m).values for z, m in splits)
+        for name in PROJECTIONS
+        for splits in [((z_tr, m_tr), (z_va, m_va), (z_te, m_te))]
+    }
+    feats["raw_renumbered"] = tuple(
+        model.head.apply("raw", *_renumber(z, m, rng)).values
+        for z, m in ((z_tr, m_tr), (z_va, m_va), (z_te, m_te))
+    )
+    units = {"gap": "eV", "alpha": "bohr^3"}
+    y = np.stack([data.prop(t) for t in TARGETS], axis=1)
+    for reg_name in regressors:
+        table = out["mae"][reg_name]
+        for j, target in enumerate(TARGETS):
+            table[target] = {
+                "unit": units[target],
+                "predict_mean": float(np.abs(y[te, j] - y[tr, j].mean()).mean()),
+            }
+        for name, (x_tr, x_va, x_te) in feats.items():
+            if reg_name == "hgb":
+                for j, target in enumerate(TARGETS):
+                    reg = HistGradientBoostingRegressor(
+                        max_iter=300, early_stopping=True, random_state=seed
+                    )
+                    reg.fit(x_tr, y[tr, j])
+                    table[target][name] = float(np.abs(reg.predict(x_te) - y[te, j]).mean())
+            else:
+                pred, choice = _krr_predict(
+                    x_tr, y[tr], x_va, y[va], x_te, krr_rows, np.random.default_rng(seed)
+                )
+                for j, target in enumerate(TARGETS):
+                    table[target][name] = float(np.abs(pred[:, j] - y[te, j]).mean())
+                out.setdefault("krr_choice", {})[name] = choice
+            print(
+                f"{reg_name} {name}: " + ", ".join(f"{t} {table[t][name]:.4f}" for t in TARGETS),
+                flush=True,
+            )
+    return out
+
+
+def _write(model_dir: Path, key: str, result: dict[str, Any]) -> None:
+    path = model_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else []
+    metrics = [m for m in metrics if m.get("name") != key]
+    metrics.append({"name": key, "measured_unix": int(time.time()), **result})
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+TRAIN_COMMAND = (
+    "make train-molecules  # = python -m quotient_models.molecules.train --data data/qm9 "
+    "--out model_store/models/qm9-vae"
+)
+
+
+def _f(x: float) -> str:
+    return f"{x:.4f}" if abs(x) >= 1e-3 else f"{x:.2e}"
+
+
+def requirements(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Issue 3's acceptance checks, computed from metrics.json (None where not measured)."""
+    out: dict[str, Any] = {}
+    if "invariance" in metrics:
+        m = metrics["invariance"]
+        out["a_invariance_max_rel_change_le_1e-5"] = m["max_relative_change_sorted"] <= 1e-5
+        out["a_no_coinciding_molecules"] = (
+            m["coincident_distinct_molecules"]["sorted"]["coinciding"] == 0
+        )
+    if "reconstruction" in metrics:
+        out["b_sorted_raw_agreement_100pct"] = (
+            metrics["reconstruction"]["agreement_sorted_raw"] == 1.0
+        )
+    if "regression" in metrics:
+        for reg, table in metrics["regression"]["mae"].items():
+            for target, row in table.items():
+                out[f"c_{reg}_{target}_sorted_beats_pooling"] = row["sorted"] < min(
+                    row["sum"], row["mean"]
+                )
+                out[f"c_{reg}_{target}_sorted_beats_raw_qm9_order"] = row["sorted"] < row["raw"]
+                if "raw_renumbered" in row:
+                    out[f"c_{reg}_{target}_sorted_beats_raw_renumbered"] = (
+                        row["sorted"] < row["raw_renumbered"]
+                    )
+    return out
+
+
+def write_card(model_dir: Path) -> None:
+    """MODEL_CARD.md from model.json, training_history.json and metrics.json (regenerated after
+    every evaluation)."""
+    spec = json.loads((model_dir / "model.json").read_text())
+    path = model_dir / "metrics.json"
+    metrics = {m["name"]: m for m in (json.loads(path.read_text()) if path.exists() else [])}
+    lat, dom, tr = spec["latent"], spec["domain"], spec.get("training", {})
+    args = tr.get("args", {})
+    data = spec.get("data", {})
+    counts = data.get("counts", {})
+    arch = spec["architecture"]
+    cfg = lat.get("config", {})
+    lines = [
+        f"# {spec['name']} ({arch}, v{spec['version']})",
+        "",
+        spec["description"],
+        "",
+        "## Model",
+        f"- Permutation-equivariant graph VAE (`quotient_models/molecules/arch_{arch}.py`): "
+        f"{cfg.get('enc_layers', '?')} message-passing encoder layers, "
+        f"{cfg.get('dec_layers', '?')} self-attention decoder blocks, width "
+        f"{cfg.get('hidden', '?')}; {lat['dim']} latent dimensions per heavy atom, "
+        f"|z| < {lat['bound']}.",
+        f"- Domain: at most {dom['max_atoms']} heavy atoms; elements "
+        f"{', '.join(dom['elements'])}; charges {dom['charges']}; at most "
+        f"{dom['max_hydrogens']} H per atom. Stereo is ignored.",
+        "- Symmetric atoms get canonical symmetry slots from RDKit's canonical ranking so that "
+        "an equivariant decoder can rebuild them (featurize.py).",
+        "- Projections: `sorted` (default; rows in tolerance-grouped lexicographic order, padded "
+        "with 2.0; decodable), `sum`, `mean` (pooling baselines), `raw` (input atom order, not "
+        "invariant).",
+        "",
+        "## Data, split, training",
+        f"- QM9 from the PyPI package qm9pack 1.0.3: {counts.get('kept', '?')} molecules; "
+        f"split 80/10/10 by `numpy.random.default_rng(0).permutation` (train "
+        f"{counts.get('train', '?')}, val {counts.get('val', '?')}, test "
+        f"{counts.get('test', '?')}); split sha256 `{data.get('manifest_split_sha256', '?')}`.",
+        f"- Command: `{TRAIN_COMMAND}` (CPU, seed {args.get('seed', '?')}, "
+        f"{args.get('threads', '?')} torch thread(s), budget {args.get('budget_min', '?')} min).",
+        f"- {tr.get('epochs', '?')} epochs over {tr.get('train_molecules', '?')} molecules "
+        f"(batch {args.get('batch_size', '?')}, AdamW lr {args.get('lr', '?')} cosine, KL weight "
+        f"{args.get('beta', '?')}), {float(tr.get('minutes', 0)):.1f} min wall clock for the "
+        "training loop; the checkpoint with the best validation exact-graph rate "
+        f"({float(tr.get('best_val_exact_graph', 0)):.4f}, decoding mu) is exported "
+        "(training_history.json).",
+        "",
+        "## Figures (test split)",
+        "",
+        "Each by one command: `python -m quotient_models.molecules.evaluate "
+        "{invariance|reconstruction|regression} --data data/qm9 --model " + str(model_dir) + "` "
+        "(or `all`).",
+    ]
+    if "invariance" in metrics:
+        m = metrics["invariance"]
+        co = m["coincident_distinct_molecules"]
+        lines += [
+            "",
+            f"Invariance: each of {m['molecules']} test molecules written with {m['numberings']} "
+            "random atom numberings (RDKit RenumberAtoms, non-canonical SMILES), embedded through "
+            f"the serving path (ONNX); {m['molecules_with_symmetric_atoms']} molecules have "
+            "symmetric atoms.",
+            "",
+            "| projection | max relative change | median | distinct molecules | coinciding "
+            f"(rtol {m['coincide_rtol']:g}) | min relative NN distance |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in PROJECTIONS:
+            c = co.get(name, {})
+            lines.append(
+                f"| {name} | {m[f'max_relative_change_{name}']:.2e} | "
+                f"{m[f'median_relative_change_{name}']:.2e} | {c.get('distinct', '-')} | "
+                f"{c.get('coinciding', '-')} | "
+                + (f"{c['min_relative_nn_distance']:.3g}" if c else "- (not invariant)")
+                + " |"
+            )
+    if "reconstruction" in metrics:
+        m = metrics["reconstruction"]
+        lines += [
+            "",
+            f"Reconstruction ({m['molecules']} test molecules; exact = decoded canonical SMILES "
+            "equals the input's; decoding takes the argmax of every head, rows in canonical "
+            "order):",
+            "",
+            "| from | exact | invalid | main invalid reasons |",
+            "|---|---|---|---|",
+        ]
+        for name in ("sorted", "raw"):
+            reasons = "; ".join(f"{k} ({v})" for k, v in m[f"invalid_reasons_{name}"].items())
+            lines.append(
+                f"| {name} | {m[f'exact_rate_{name}']:.2%} | {m[f'invalid_rate_{name}']:.2%} | "
+                f"{reasons} |"
+            )
+        lines.append("")
+        if "exact_rate_sorted_symmetric" in m:
+            lines.append(
+                f"Exact from sorted: {m['exact_rate_sorted_symmetric']:.2%} of the "
+                f"{m['molecules_with_symmetric_atoms']} molecules with symmetry-equivalent atoms, "
+                f"{m['exact_rate_sorted_no_symmetric']:.2%} of the others."
+            )
+            lines.append("")
+        lines.append(
+            f"Agreement sorted vs raw (same SMILES, or invalid both times): "
+            f"{m['agreement_sorted_raw']:.2%}"
+            + (
+                f"; decoding the raw rows in their own order without canonicalisation (diagnostic "
+                f"of float equivariance): {m['agreement_uncanonicalised']:.2%}."
+                if "agreement_uncanonicalised" in m
+                else "."
+            )
+        )
+    if "regression" in metrics:
+        m = metrics["regression"]
+        lines += [
+            "",
+            f"Regression: test MAE ({m['test_molecules']} molecules), regressors trained on "
+            f"{m['train_molecules']} training embeddings, identical settings for every feature "
+            "set. `raw (QM9 order)` = per-atom latents in the atom order of QM9's own SMILES "
+            "(close to a canonical order); `raw (renumbered)` = the same with each molecule's "
+            "atoms randomly renumbered.",
+        ]
+        cols = (*PROJECTIONS, "raw_renumbered", "predict_mean")
+        for reg, table in m["mae"].items():
+            lines += [
+                "",
+                f"{reg}: {m['regressors'][reg]}",
+                "",
+                "| target | sorted | sum | mean | raw (QM9 order) | raw (renumbered) | "
+                "predict mean |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for t, r in table.items():
+                lines.append(
+                    f"| {t} ({r['unit']}) | "
+                    + " | ".join(_f(r[k]) if k in r else "-" for k in cols)
+                    + " |"
+                )
+    checks = requirements(metrics)
+    if checks:
+        lines += ["", "## Issue 3 acceptance checks (computed from metrics.json)", ""]
+        lines += [f"- {k}: {'yes' if v else 'NO'}" for k, v in checks.items()]
+        lost = [k for k, v in checks.items() if k.endswith("raw_qm9_order") and not v]
+        if lost:
+            frac = metrics.get("invariance", {}).get("qm9_order_is_rdkit_canonical")
+            lines += [
+                "",
+                "The default projection does NOT beat the raw latent in the order QM9's SMILES "
+                f"give ({len(lost)} of "
+                f"{sum(k.endswith('raw_qm9_order') for k in checks)} regressor/target pairs). "
+                "That order is not arbitrary: QM9's SMILES are a toolkit's output, not a random "
+                "numbering"
+                + (
+                    f" (for {frac:.1%} of the test molecules their atom order is exactly RDKit's "
+                    "canonical atom order)"
+                    if frac is not None
+                    else ""
+                )
+                + ", so `raw` in that order is itself close to a canonical cross-section, one "
+                "whose positions are chemically aligned across molecules. For SMILES written "
+                "any other way `raw` is not invariant, and with the atoms renumbered "
+                "(`raw (renumbered)`) it is worse than `sorted`.",
+            ]
+    lines += [
+        "",
+        "## Limits",
+        "- Only QM9's domain: up to 9 heavy atoms of C, N, O, F; other inputs are rejected with "
+        "a reason. Stereochemistry is ignored (and lost on decoding).",
+        "- Reconstruction is not perfect (see the table); an invalid decode is reported with a "
+        "reason, never repaired. The model was not evaluated as a generative model (sampling "
+        "from the prior). Highly symmetric molecules are the hardest: the decoder must rebuild "
+        "e.g. a ring of equivalent atoms from their symmetry slots alone (benzene decodes to an "
+        "invalid graph, cyclohexane to an open chain).",
+        "- The sorted/raw agreement holds by construction: decoding always puts the rows in the "
+        "canonical sorted order first, so both reach the decoder bit-identically.",
+        "- With d > 1 the lexicographic sort is lossless but not isometric (PAPER.md case 1): "
+        "distances between sorted embeddings can exceed the orbit distance, and a small change "
+        "of a first coordinate can reorder rows. Sorted embeddings of one molecule under "
+        "renumbering agree to float precision (table above).",
+        "- The regression figures depend on the regressor; both regressors are reported with "
+        "the same settings for every feature set.",
+        "- Trained within a 40-minute CPU budget; more training would likely improve the figures.",
+    ]
+    (model_dir / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("what", choices=("invariance", "reconstruction", "regression", "all"))
+    p.add_argument("--data", type=Path, default=Path("data/qm9"))
+    p.add_argument("--model", type=Path, default=Path("model_store/models/qm9-vae"))
+    p.add_argument("--engine", choices=("onnx", "torch"), default="onnx")
+    p.add_argument("--limit", type=int, default=None, help="test molecules (default: all)")
+    p.add_argument(
+        "--train-limit", type=int, default=None, help="training molecules for the regressors"
+    )
+    p.add_argument(
+        "--krr-rows", type=int, default=12000, help="training molecules for kernel ridge"
+    )
+    p.add_argument("--regressors", default="hgb,krr", help="comma-separated: hgb, krr")
+    p.add_argument("--numberings", type=int, default=5)
+    p.add_argument("--coincide-rtol", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-write", action="store_true", help="print only; leave metrics.json alone")
+    args = p.parse_args(argv)
+    model = load_molecule_model(args.model, args.engine, threads=2)
+    data = load(args.data)
+    jobs = {
+        "invariance": lambda: invariance(
+            model, data, args.limit, args.numberings, args.seed, args.coincide_rtol
+        ),
+        "reconstruction": lambda: reconstruction(model, data, args.limit, args.seed),
+        "regression": lambda: regression(
+            model,
+            data,
+            args.train_limit,
+            args.seed,
+            args.krr_rows,
+            tuple(args.regressors.split(",")),
+        ),
+    }
+    for name, job in jobs.items():
+        if args.what not in (name, "all"):
+            continue
+        start = time.time()
+        result = job()
+        result["seconds"] = round(time.time() - start, 1)
+        print(json.dumps({name: result}, indent=2), flush=True)
+        if not args.no_write:
+            _write(args.model, name, result)
+            write_card(args.model)
+
+
+if __name__ == "__main__":
+    main()

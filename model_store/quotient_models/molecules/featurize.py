@@ -1,0 +1,318 @@
+"""SMILES ↔ heavy-atom graphs: the molecule model's input policy and its decoding back to SMILES.
+
+A molecule is embedded as a graph of its heavy atoms (hydrogens become a per-atom count):
+
+- per atom: element, formal charge, total hydrogen count, and a *symmetry slot*;
+- per atom pair: bond type, 0 none, 1 single, 2 double, 3 triple, 4 aromatic (RDKit's
+  aromaticity model, so that the graph does not depend on a Kekulé structure, which itself depends
+  on the atom numbering).
+
+Symmetry slots. Atoms that RDKit's canonical ranking cannot tell apart (symmetric atoms: the
+carbons of benzene, the two ends of butane) get identical latents from any permutation-equivariant
+encoder, and then no permutation-equivariant decoder can say which of them are bonded. The slot
+breaks these ties canonically: 0 for an atom whose symmetry class has one member, and for a class
+of k atoms 0..k-1 in the order of RDKit's tie-broken canonical ranks. The slots depend on the
+molecule, not on the numbering (up to an automorphism, which leaves the molecule unchanged), so
+the embedding stays invariant and symmetric molecules become decodable.
+
+Stereochemistry and isotopes are not part of the graph: stereo marks are dropped (the canonical
+SMILES returned is non-isomeric) and isotope labels are refused.
+
+What the model accepts (maximum heavy atoms, elements, charges, hydrogens per atom) is a
+``MoleculeDomain`` stored in the model's model.json, not a constant of this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from quotient_models.errors import InputError
+
+__all__ = [
+    "BOND_NAMES",
+    "DecodedMolecule",
+    "MolGraph",
+    "MoleculeDomain",
+    "canonical_smiles",
+    "collate_graphs",
+    "decode_graph",
+    "featurize",
+    "mol_to_graph",
+    "parse_smiles",
+]
+
+BOND_NAMES = ("none", "single", "double", "triple", "aromatic")
+_PT = None  # RDKit periodic table, created on first use
+
+
+def _chem() -> Any:
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")  # parse errors become InputError reasons, not log lines
+    return Chem
+
+
+def _symbol(z: int) -> str:
+    global _PT
+    if _PT is None:
+        _PT = _chem().GetPeriodicTable()
+    return str(_PT.GetElementSymbol(int(z)))
+
+
+def _atomic_number(symbol: str) -> int:
+    global _PT
+    if _PT is None:
+        _PT = _chem().GetPeriodicTable()
+    return int(_PT.GetAtomicNumber(symbol))
+
+
+@dataclass(frozen=True)
+class MoleculeDomain:
+    """The inputs a molecule model accepts; stored as model.json's ``domain``."""
+
+    max_atoms: int
+    elements: tuple[str, ...]
+    charges: tuple[int, ...]
+    max_hydrogens: int
+
+    @property
+    def symmetry_slots(self) -> int:
+        return self.max_atoms
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_atoms": self.max_atoms,
+            "elements": list(self.elements),
+            "charges": list(self.charges),
+            "max_hydrogens": self.max_hydrogens,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> MoleculeDomain:
+        return cls(
+            max_atoms=int(raw["max_atoms"]),
+            elements=tuple(str(e) for e in raw["elements"]),
+            charges=tuple(int(c) for c in raw["charges"]),
+            max_hydrogens=int(raw["max_hydrogens"]),
+        )
+
+    def describe(self) -> str:
+        charges = ", ".join(f"{c:+d}" if c else "0" for c in self.charges)
+        return (
+            f"at most {self.max_atoms} heavy atoms; elements {', '.join(self.elements)}; "
+            f"formal charges {charges}; at most {self.max_hydrogens} hydrogens per atom"
+        )
+
+
+@dataclass(frozen=True)
+class MolGraph:
+    """A heavy-atom graph in the input's atom order (raw values, not vocabulary indices)."""
+
+    atomic_numbers: np.ndarray  # [n] int
+    charges: np.ndarray  # [n] int
+    hydrogens: np.ndarray  # [n] int
+    symmetry: np.ndarray  # [n] int, symmetry slot (module docstring)
+    bonds: np.ndarray  # [n, n] int8, symmetric, codes of BOND_NAMES
+    smiles: str  # canonical, non-isomeric
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.atomic_numbers)
+
+    def permuted(self, perm: np.ndarray) -> MolGraph:
+        """The same graph with atom i of the result being atom perm[i] of this one."""
+        p = np.asarray(perm)
+        return MolGraph(
+            self.atomic_numbers[p],
+            self.charges[p],
+            self.hydrogens[p],
+            self.symmetry[p],
+            self.bonds[np.ix_(p, p)],
+            self.smiles,
+        )
+
+
+def parse_smiles(smiles: str) -> Any:
+    """SMILES → sanitised RDKit molecule (stereo removed), or InputError with the reason."""
+    chem = _chem()
+    text = smiles.strip()
+    if not text:
+        raise InputError("empty SMILES")
+    mol = chem.MolFromSmiles(text, sanitize=False)
+    if mol is None:
+        raise InputError(f"unparsable SMILES {_clip(text)!r}")
+    try:
+        chem.SanitizeMol(mol)
+    except Exception as exc:  # RDKit raises several types (valence, kekulisation, ...)
+        raise InputError(f"not a valid molecule: {_first_line(exc)}") from None
+    chem.RemoveStereochemistry(mol)
+    return mol
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _bond_code(bond: Any) -> int:
+    if bond.GetIsAromatic():
+        return 4
+    order = bond.GetBondTypeAsDouble()
+    code = {1.0: 1, 2.0: 2, 3.0: 3}.get(order)
+    if code is None:
+        raise InputError(f"bond type {bond.GetBondType()} is not supported")
+    return code
+
+
+def _symmetry_slots(mol: Any) -> np.ndarray:
+    chem = _chem()
+    classes = np.array(list(chem.CanonicalRankAtoms(mol, breakTies=False, includeChirality=False)))
+    ranks = np.array(list(chem.CanonicalRankAtoms(mol, breakTies=True, includeChirality=False)))
+    slots = np.zeros(len(ranks), dtype=np.int64)
+    for c in np.unique(classes):
+        members = np.flatnonzero(classes == c)
+        slots[members[np.argsort(ranks[members])]] = np.arange(len(members))
+    return slots
+
+
+def _check_domain(a: Any, where: str, domain: MoleculeDomain) -> None:
+    if a.GetSymbol() not in domain.elements:
+        raise InputError(
+            f"element {a.GetSymbol()} is outside this model's domain ({', '.join(domain.elements)})"
+        )
+    if a.GetFormalCharge() not in domain.charges:
+        allowed = ", ".join(f"{c:+d}" if c else "0" for c in domain.charges)
+        raise InputError(f"{where} has formal charge {a.GetFormalCharge():+d}; allowed: {allowed}")
+    if a.GetTotalNumHs() > domain.max_hydrogens:
+        raise InputError(
+            f"{where} has {a.GetTotalNumHs()} hydrogens; at most {domain.max_hydrogens} allowed"
+        )
+
+
+def mol_to_graph(mol: Any, domain: MoleculeDomain | None = None) -> MolGraph:
+    """RDKit molecule → heavy-atom graph; with a domain, refuse what the model cannot embed."""
+    chem = _chem()
+    n_frags = len(chem.GetMolFrags(mol))
+    if n_frags > 1:
+        raise InputError(f"SMILES has {n_frags} fragments; one connected molecule is expected")
+    mol = chem.RemoveHs(mol)
+    n = mol.GetNumAtoms()
+    if all(a.GetAtomicNum() == 1 for a in mol.GetAtoms()):  # also H2, which RemoveHs keeps
+        raise InputError("no heavy atoms")
+    if domain is not None and n > domain.max_atoms:
+        raise InputError(f"{n} heavy atoms; this model accepts at most {domain.max_atoms}")
+    atoms = list(mol.GetAtoms())
+    for a in atoms:
+        where = f"atom {a.GetIdx()} ({a.GetSymbol()})"
+        if domain is not None:
+            _check_domain(a, where, domain)
+        if a.GetIsotope():
+            raise InputError(f"{where} has an isotope label; isotopes are not supported")
+        if a.GetNumRadicalElectrons():
+            raise InputError(f"{where} has unpaired electrons; radicals are not supported")
+    bonds = np.zeros((n, n), dtype=np.int8)
+    for b in mol.GetBonds():
+        i, j = b.GetBeginAtomIdx(), b.GetEndAtomIdx()
+        bonds[i, j] = bonds[j, i] = _bond_code(b)
+    return MolGraph(
+        atomic_numbers=np.array([a.GetAtomicNum() for a in atoms], dtype=np.int64),
+        charges=np.array([a.GetFormalCharge() for a in atoms], dtype=np.int64),
+        hydrogens=np.array([a.GetTotalNumHs() for a in atoms], dtype=np.int64),
+        symmetry=_symmetry_slots(mol),
+        bonds=bonds,
+        smiles=chem.MolToSmiles(mol, isomericSmiles=False),
+    )
+
+
+def featurize(smiles: str, domain: MoleculeDomain | None = None) -> MolGraph:
+    """One client SMILES → graph, or InputError with the reason."""
+    return mol_to_graph(parse_smiles(smiles), domain)
+
+
+def canonical_smiles(smiles: str) -> str:
+    """The canonical, non-isomeric SMILES the model compares decodings against."""
+    return featurize(smiles).smiles
+
+
+def encode_atoms(graph: MolGraph, domain: MoleculeDomain) -> np.ndarray:
+    """Vocabulary indices [n, 4]: element, charge, hydrogens, symmetry slot."""
+    elements = [domain.elements.index(_symbol(z)) for z in graph.atomic_numbers]
+    charges = [domain.charges.index(int(c)) for c in graph.charges]
+    slots = np.minimum(graph.symmetry, domain.symmetry_slots - 1)
+    return np.stack([elements, charges, graph.hydrogens, slots], axis=1).astype(np.int64)
+
+
+def collate_graphs(graphs: Sequence[MolGraph], domain: MoleculeDomain) -> dict[str, np.ndarray]:
+    """Dense padded batch (the wire format): ``atoms`` [B, N, 4] int64 (element, charge,
+    hydrogens, symmetry slot; -1 in padding rows) and ``bonds`` [B, N, N] int64 (codes of
+    BOND_NAMES), N = the domain's max_atoms."""
+    n_max = domain.max_atoms
+    atoms = np.full((len(graphs), n_max, 4), -1, dtype=np.int64)
+    bonds = np.zeros((len(graphs), n_max, n_max), dtype=np.int64)
+    for k, g in enumerate(graphs):
+        n = g.n_atoms
+        if n > n_max:
+            raise InputError(f"{n} heavy atoms; this model accepts at most {n_max}", k)
+        atoms[k, :n] = encode_atoms(g, domain)
+        bonds[k, :n, :n] = g.bonds
+    return {"atoms": atoms, "bonds": bonds}
+
+
+@dataclass(frozen=True)
+class DecodedMolecule:
+    """A decoded graph as canonical SMILES, or the reason it is not a valid molecule."""
+
+    smiles: str | None
+    reason: str | None = None
+
+
+def decode_graph(
+    elements: Sequence[str],
+    charges: Sequence[int],
+    hydrogens: Sequence[int],
+    bonds: np.ndarray,
+) -> DecodedMolecule:
+    """Graph (element symbols, charges, hydrogen counts, bond codes [n, n]) → canonical SMILES."""
+    chem = _chem()
+    n = len(elements)
+    if n == 0:
+        return DecodedMolecule(None, "decoded graph has no atoms")
+    rw = chem.RWMol()
+    aromatic = (np.asarray(bonds) == 4).any(axis=1)
+    for i in range(n):
+        atom = chem.Atom(_atomic_number(elements[i]))
+        atom.SetFormalCharge(int(charges[i]))
+        atom.SetNumExplicitHs(int(hydrogens[i]))
+        atom.SetNoImplicit(True)
+        atom.SetIsAromatic(bool(aromatic[i]))
+        rw.AddAtom(atom)
+    types = {
+        1: chem.BondType.SINGLE,
+        2: chem.BondType.DOUBLE,
+        3: chem.BondType.TRIPLE,
+        4: chem.BondType.AROMATIC,
+    }
+    for i in range(n):
+        for j in range(i + 1, n):
+            code = int(bonds[i, j])
+            if code:
+                rw.AddBond(i, j, types[code])
+                if code == 4:
+                    rw.GetBondBetweenAtoms(i, j).SetIsAromatic(True)
+    mol = rw.GetMol()
+    try:
+        chem.SanitizeMol(mol)
+    except Exception as exc:
+        return DecodedMolecule(None, f"decoded graph is not a valid molecule: {_first_line(exc)}")
+    n_frags = len(chem.GetMolFrags(mol))
+    if n_frags > 1:
+        return DecodedMolecule(None, f"decoded graph has {n_frags} disconnected fragments")
+    return DecodedMolecule(chem.MolToSmiles(mol, isomericSmiles=False))

@@ -1,0 +1,179 @@
+"""Projections of permutation-equivariant node latents (PAPER.md, case 1).
+
+A molecule's latent is Z ∈ R^{n×d}, one row per heavy atom; renumbering the atoms permutes the
+rows. A batch travels padded to the model's maximum atom count N as ``z`` [B, N, d] with a boolean
+``mask`` [B, N] of real rows.
+
+- ``sorted`` (default): rows in lexicographic order (first column, ties broken by the next, ...),
+  padded with ``pad_value`` rows, flattened → [B, N*d]. A cross-section of the permutation orbit:
+  lossless, and the result is itself a (permuted) latent that the decoder can decode. Isometric
+  for d = 1.
+- ``sum`` / ``mean``: pooling over the atoms → [B, d]: invariant, lossy baselines.
+- ``raw``: the rows in the input's atom order, padded, flattened: NOT invariant.
+
+Ties. Two rows can differ only by float noise (symmetric atoms), or two different rows can share
+a first coordinate up to noise; a plain sort can then order them differently for two numberings
+of one molecule. Each column is therefore compared with a tolerance ``tol``: the column's values
+are grouped by single linkage (consecutive sorted values closer than ``tol`` fall in one group,
+which depends only on the set of values, not on their order) and rows are ordered by their group
+numbers, column by column. Rows that tie in every column are within a few ``tol`` of each other,
+so their order changes the output by at most that.
+
+Padding. Real coordinates are bounded, |z| < ``latent_bound`` (the encoder ends in a scaled
+tanh), and padding rows are filled with ``pad_value`` > ``latent_bound``: a padding row can never
+equal a real row, sorts after every real row, and is recognised on decoding.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quotient_models.projections import ProjectionInfo, ProjectionOutput
+
+__all__ = ["SortedProjectionHead", "orbit_distance", "tolerant_order"]
+
+
+def _column_groups(values: np.ndarray, tol: float) -> np.ndarray:
+    """Single-linkage group number of each value: order-free, ties within ``tol`` share a number."""
+    order = np.argsort(values, kind="stable")
+    gaps = np.diff(values[order]) > tol
+    groups = np.empty(len(values), dtype=np.int64)
+    groups[order] = np.concatenate([[0], np.cumsum(gaps)])
+    return groups
+
+
+def tolerant_order(rows: np.ndarray, tol: float) -> np.ndarray:
+    """Permutation that sorts rows [n, d] lexicographically, columns compared with tolerance."""
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)
+    r64 = np.asarray(rows, dtype=np.float64)
+    keys = [_column_groups(r64[:, c], tol) for c in range(r64.shape[1])]
+    # last resort for rows tied in every column: their own values (differences are below tol)
+    return np.lexsort([*r64.T[::-1], *keys[::-1]])
+
+
+def orbit_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """min over permutations P of ‖a − P b‖ for row sets a, b [n, d] (Hungarian assignment)."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = ((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1)
+    rows, cols = linear_sum_assignment(cost)
+    return float(np.sqrt(cost[rows, cols].sum()))
+
+
+@dataclass
+class SortedProjectionHead:
+    """The projections of one molecule model; parameters stored in ``projection.json``.
+
+    Lifecycle:
+    1. built at training time from the model's size (``max_atoms``, ``dim``, ``latent_bound``);
+    2. ``save(path)`` / ``load(path)`` (no randomness: nothing is drawn);
+    3. ``apply(name, z, mask)`` projects a batch of padded latents;
+    4. ``unflatten(values)`` turns ``sorted`` (or ``raw``) embeddings back into latents + masks
+       for the decoder.
+    """
+
+    max_atoms: int
+    dim: int
+    latent_bound: float = 1.0
+    pad_value: float = 2.0
+    tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not self.pad_value > self.latent_bound:
+            raise ValueError(
+                f"pad_value {self.pad_value} must exceed latent_bound {self.latent_bound}"
+            )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(
+            json.dumps({"kind": "sorted_node_latents", **asdict(self)}, indent=2) + "\n"
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> SortedProjectionHead:
+        raw = json.loads(Path(path).read_text())
+        raw.pop("kind", None)
+        return cls(**raw)
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.describe()]
+
+    def describe(self) -> list[ProjectionInfo]:
+        n, d = self.max_atoms, self.dim
+        layout = (
+            f"Layout: {n} rows x {d}, row-major; rows beyond the molecule's atom count are all "
+            f"{self.pad_value:g}."
+        )
+        return [
+            ProjectionInfo(
+                "sorted",
+                n * d,
+                True,
+                "Per-atom latents in lexicographic row order (ties within "
+                f"{self.tol:g} per column): a lossless cross-section that decodes back to the "
+                f"molecule{'; isometric (d = 1)' if d == 1 else ''}. {layout}",
+            ),
+            ProjectionInfo("sum", d, True, f"Sum of the {d}-dimensional atom latents (lossy)."),
+            ProjectionInfo("mean", d, True, f"Mean of the {d}-dimensional atom latents (lossy)."),
+            ProjectionInfo(
+                "raw",
+                n * d,
+                False,
+                "Per-atom latents in the input's atom order, NOT invariant: renumbering the "
+                f"atoms permutes the rows. For analysis only. {layout}",
+            ),
+        ]
+
+    def _check(self, z: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = np.asarray(z, dtype=np.float32)
+        mask = np.asarray(mask, dtype=bool)
+        if z.ndim != 3 or z.shape[1:] != (self.max_atoms, self.dim) or mask.shape != z.shape[:2]:
+            raise ValueError(
+                f"expected z [B, {self.max_atoms}, {self.dim}] and mask [B, {self.max_atoms}], "
+                f"got {list(z.shape)} and {list(mask.shape)}"
+            )
+        return z, mask
+
+    def padded(self, z: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """z with padding rows set to pad_value (input order)."""
+        z, mask = self._check(z, mask)
+        return np.where(mask[..., None], z, np.float32(self.pad_value))
+
+    def sort(self, z: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted padded latents [B, N, d] and the permutations used [B, N]."""
+        zp = self.padded(z, mask)
+        perms = np.stack([tolerant_order(row, self.tol) for row in zp])
+        return np.take_along_axis(zp, perms[..., None], axis=1), perms
+
+    def apply(self, name: str, z: np.ndarray, mask: np.ndarray) -> ProjectionOutput:
+        z, mask = self._check(z, mask)
+        b = len(z)
+        if name == "sorted":
+            return ProjectionOutput(self.sort(z, mask)[0].reshape(b, -1))
+        if name in ("sum", "mean"):
+            total = (z.astype(np.float64) * mask[..., None]).sum(axis=1)
+            if name == "mean":
+                total /= np.maximum(mask.sum(axis=1, keepdims=True), 1)
+            return ProjectionOutput(total.astype(np.float32))
+        if name == "raw":
+            return ProjectionOutput(self.padded(z, mask).reshape(b, -1))
+        raise KeyError(f"unknown projection {name!r}; known: {', '.join(self.names())}")
+
+    def unflatten(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``sorted`` or ``raw`` embeddings [B, N*d] → latents [B, N, d] and masks [B, N].
+
+        A row is padding when every coordinate is nearer pad_value than latent_bound."""
+        v = np.asarray(values, dtype=np.float32)
+        if v.ndim != 2 or v.shape[1] != self.max_atoms * self.dim:
+            raise ValueError(
+                f"expected embeddings [B, {self.max_atoms * self.dim}], got {list(v.shape)}"
+            )
+        z = v.reshape(len(v), self.max_atoms, self.dim)
+        midpoint = (self.pad_value + self.latent_bound) / 2
+        mask = ~(z > midpoint).all(axis=-1)
+        return np.where(mask[..., None], z, 0).astype(np.float32), mask

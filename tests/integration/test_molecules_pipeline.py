@@ -1,0 +1,70 @@
+"""QM9 end to end on a small slice: prepare (qm9pack) → train one epoch → export → evaluate."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("qm9pack") is None
+    or importlib.util.find_spec("torch_geometric") is None,
+    reason="needs requirements/molecules.txt (qm9pack, torch-geometric, rdkit)",
+)
+
+
+def test_prepare_train_evaluate(tmp_path: Path) -> None:
+    from quotient_models.molecules import data, evaluate, train
+
+    manifest = data.prepare(tmp_path / "qm9", seed=0, limit=400)
+    assert (
+        manifest["counts"]["kept"] == 400 and sum(manifest["counts"][s] for s in data.SPLITS) == 400
+    )
+    again = data.prepare(tmp_path / "qm9b", seed=0, limit=400)
+    assert again["split_sha256"] == manifest["split_sha256"]  # deterministic split
+    assert data.load(tmp_path / "qm9").manifest["domain"]["elements"] == ["C", "N", "O", "F"]
+
+    out = tmp_path / "model"
+    train.main(
+        [
+            "--data",
+            str(tmp_path / "qm9"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--hidden",
+            "32",
+            "--enc-layers",
+            "2",
+            "--dec-layers",
+            "1",
+            "--latent-dim",
+            "4",
+            "--threads",
+            "1",
+        ]
+    )
+    spec = json.loads((out / "model.json").read_text())
+    assert (
+        spec["modality"] == "molecule"
+        and spec["domain"]["max_atoms"] == manifest["domain"]["max_atoms"]
+    )
+
+    evaluate.main(
+        ["invariance", "--data", str(tmp_path / "qm9"), "--model", str(out), "--numberings", "5"]
+    )
+    evaluate.main(["reconstruction", "--data", str(tmp_path / "qm9"), "--model", str(out)])
+    evaluate.main(
+        ["regression", "--data", str(tmp_path / "qm9"), "--model", str(out), "--krr-rows", "200"]
+    )
+    metrics = {m["name"]: m for m in json.loads((out / "metrics.json").read_text())}
+    assert metrics["invariance"]["max_relative_change_sorted"] <= 1e-5
+    assert metrics["reconstruction"]["agreement_sorted_raw"] == 1.0
+    for reg in ("hgb", "krr"):
+        row = metrics["regression"]["mae"][reg]["gap"]
+        assert set(row) >= {"sorted", "sum", "mean", "raw", "raw_renumbered", "predict_mean"}
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "## Limits" in card and "acceptance checks" in card and "raw (renumbered)" in card

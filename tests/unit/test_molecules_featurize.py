@@ -1,0 +1,134 @@
+"""SMILES → graph → SMILES: input reasons, round trips, and behaviour under atom renumbering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rdkit")
+from rdkit import Chem
+
+from quotient_models.errors import InputError
+from quotient_models.molecules.featurize import (
+    MoleculeDomain,
+    collate_graphs,
+    decode_graph,
+    featurize,
+    mol_to_graph,
+)
+
+QM9_DOMAIN = MoleculeDomain(
+    max_atoms=9, elements=("C", "N", "O", "F"), charges=(-1, 0, 1), max_hydrogens=4
+)
+MOLECULES = [
+    "CCO",
+    "c1ccccc1",
+    "CC(C)(C)C",
+    "c1cc[nH]c1",
+    "[NH3+]CC([O-])=O",
+    "C1COCCO1",
+    "CCCC",
+    "N#CC(O)C=O",
+]
+
+
+@pytest.mark.parametrize(
+    ("smiles", "reason"),
+    [
+        ("", "empty SMILES"),
+        ("   ", "empty SMILES"),
+        ("C1CC", "unparsable SMILES 'C1CC'"),
+        ("C(", "unparsable SMILES 'C('"),
+        ("CCCCCCCCCC", "10 heavy atoms; this model accepts at most 9"),
+        ("CCCl", "element Cl is outside this model's domain (C, N, O, F)"),
+        ("CC[S]", "element S is outside this model's domain (C, N, O, F)"),
+        ("C[N+](C)(C)C.[Cl-]", "SMILES has 2 fragments; one connected molecule is expected"),
+        ("CC.O", "SMILES has 2 fragments; one connected molecule is expected"),
+        ("[13CH4]", "atom 0 (C) has an isotope label; isotopes are not supported"),
+        ("C[CH2]", "atom 1 (C) has unpaired electrons; radicals are not supported"),
+        ("[O-2]", "atom 0 (O) has formal charge -2; allowed: -1, 0, +1"),
+        ("[H][H]", "no heavy atoms"),
+        (
+            "C(C)(C)(C)(C)C",
+            "not a valid molecule: Explicit valence for atom # 0 C, 5, is greater than permitted",
+        ),
+    ],
+)
+def test_bad_inputs_have_exact_reasons(smiles: str, reason: str) -> None:
+    with pytest.raises(InputError) as info:
+        featurize(smiles, QM9_DOMAIN)
+    assert info.value.reason == reason
+
+
+def test_domain_is_data_not_code() -> None:
+    big = MoleculeDomain(
+        max_atoms=40, elements=("C", "N", "O", "F", "S", "Cl"), charges=(-1, 0, 1), max_hydrogens=4
+    )
+    assert MoleculeDomain.from_json(big.to_json()) == big
+    assert (
+        featurize("CC(=O)Nc1ccc(Cl)cc1S", big).n_atoms == 12
+    )  # refused by the QM9 domain, fine here
+    with pytest.raises(InputError):
+        featurize("CC(=O)Nc1ccc(Cl)cc1S", QM9_DOMAIN)
+
+
+@pytest.mark.parametrize("smiles", MOLECULES)
+def test_graph_decodes_to_the_canonical_smiles(smiles: str) -> None:
+    g = featurize(smiles, QM9_DOMAIN)
+    symbols = [Chem.GetPeriodicTable().GetElementSymbol(int(z)) for z in g.atomic_numbers]
+    back = decode_graph(symbols, g.charges, g.hydrogens, g.bonds)
+    assert back.reason is None
+    assert (
+        back.smiles
+        == g.smiles
+        == Chem.MolToSmiles(Chem.MolFromSmiles(smiles), isomericSmiles=False)
+    )
+
+
+def test_invalid_decoded_graph_gives_a_reason() -> None:
+    bonds = np.array([[0, 3], [3, 0]])
+    out = decode_graph(["O", "O"], [0, 0], [0, 0], bonds)
+    assert out.smiles is None and "valence" in out.reason
+    two = decode_graph(["C", "C"], [0, 0], [4, 4], np.zeros((2, 2), int))
+    assert two.smiles is None and two.reason == "decoded graph has 2 disconnected fragments"
+
+
+def _signature(g) -> list:  # type: ignore[no-untyped-def]
+    """Isomorphism-invariant description of a labelled graph (atoms with slots, neighbourhoods)."""
+    atom = [
+        (int(a), int(c), int(h), int(s))
+        for a, c, h, s in zip(g.atomic_numbers, g.charges, g.hydrogens, g.symmetry, strict=True)
+    ]
+    return sorted(
+        (atom[i], sorted((atom[j], int(g.bonds[i, j])) for j in np.flatnonzero(g.bonds[i])))
+        for i in range(g.n_atoms)
+    )
+
+
+@pytest.mark.parametrize("smiles", MOLECULES)
+def test_renumbering_permutes_the_labelled_graph(smiles: str) -> None:
+    mol = Chem.MolFromSmiles(smiles)
+    base = mol_to_graph(mol)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        perm = rng.permutation(mol.GetNumAtoms())
+        g = featurize(Chem.MolToSmiles(Chem.RenumberAtoms(mol, perm.tolist()), canonical=False))
+        assert g.smiles == base.smiles
+        assert _signature(g) == _signature(base)
+        direct = mol_to_graph(Chem.RenumberAtoms(mol, perm.tolist()))
+        np.testing.assert_array_equal(direct.bonds, base.permuted(perm).bonds)
+
+
+def test_symmetry_slots_break_ties_of_symmetric_atoms() -> None:
+    benzene = featurize("c1ccccc1")
+    assert sorted(benzene.symmetry.tolist()) == [0, 1, 2, 3, 4, 5]
+    butane = featurize("CCCC")
+    assert sorted(butane.symmetry.tolist()) == [0, 0, 1, 1]
+    assert featurize("N#CC(O)C=O").symmetry.max() == 0  # no symmetric atoms: all slots 0
+
+
+def test_collate_pads_with_minus_one() -> None:
+    arrays = collate_graphs([featurize("CCO"), featurize("c1ccccc1")], QM9_DOMAIN)
+    assert arrays["atoms"].shape == (2, 9, 4) and arrays["bonds"].shape == (2, 9, 9)
+    assert (arrays["atoms"][0, 3:] == -1).all() and (arrays["atoms"][1, :6] >= 0).all()
+    assert (arrays["bonds"][1][:6, :6] == 4).sum() == 12

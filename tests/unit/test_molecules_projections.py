@@ -1,0 +1,154 @@
+"""Sorted / pooled projections of node latents (PAPER.md, case 1): invariance, ties, lossless."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from quotient_models.invariance import assert_invariant
+from quotient_models.molecules.projections import (
+    SortedProjectionHead,
+    orbit_distance,
+    tolerant_order,
+)
+
+N, D = 9, 4
+
+
+@pytest.fixture
+def head() -> SortedProjectionHead:
+    return SortedProjectionHead(max_atoms=N, dim=D)
+
+
+def batch(seed: int = 0, b: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z = rng.uniform(-1, 1, (b, N, D)).astype(np.float32)
+    n = rng.integers(1, N + 1, b)
+    mask = np.arange(N)[None] < n[:, None]
+    return z * mask[..., None], mask
+
+
+def permuter(seed: int):  # type: ignore[no-untyped-def]
+    """A transform of x = concat(z, mask) that permutes the real rows of each item randomly."""
+
+    def transform(x: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        out = x.copy()
+        for k in range(len(x)):
+            n = int(x[k, :, -1].sum())
+            out[k, :n] = x[k, rng.permutation(n)]
+        return out
+
+    return transform
+
+
+def as_fn(head: SortedProjectionHead, name: str):  # type: ignore[no-untyped-def]
+    return lambda x: head.apply(name, x[..., :-1], x[..., -1] > 0).values
+
+
+def packed(z: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.concatenate([z, mask[..., None].astype(np.float32)], axis=-1)
+
+
+@pytest.mark.parametrize("name", ["sorted", "sum", "mean"])
+def test_invariant_under_renumbering(head: SortedProjectionHead, name: str) -> None:
+    x = packed(*batch())
+    assert_invariant(as_fn(head, name), x, {f"perm{s}": permuter(s) for s in range(20)}, rtol=1e-6)
+
+
+def test_raw_is_not_invariant(head: SortedProjectionHead) -> None:
+    x = packed(*batch())
+    with pytest.raises(AssertionError):
+        assert_invariant(as_fn(head, "raw"), x, {"perm": permuter(1)}, rtol=1e-3)
+
+
+def test_ties_within_tolerance_do_not_change_the_result(head: SortedProjectionHead) -> None:
+    """Rows whose first (and second) coordinates differ by float noise but whose later coordinates
+    differ a lot: a plain lexicographic sort would flip them between numberings."""
+    rng = np.random.default_rng(3)
+    rows = np.array(
+        [[0.5, 0.2, 0.9, -0.3], [0.5, 0.2, -0.7, 0.1], [0.5, -0.4, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1]]
+    )
+    z = np.zeros((1, N, D), np.float32)
+    z[0, :4] = rows
+    mask = np.arange(N)[None] < 4
+    ref = head.apply("sorted", z, mask).values
+    for _ in range(200):
+        noisy = z.copy()
+        noisy[0, :4] += rng.normal(0, 1e-6, (4, D))
+        noisy[0, :4] = noisy[0, rng.permutation(4)]
+        out = head.apply("sorted", noisy, mask).values
+        assert np.abs(out - ref).max() < 1e-5
+
+
+def test_symmetric_rows_any_order(head: SortedProjectionHead) -> None:
+    """Benzene-like: identical rows up to noise (six carbons) and neopentane-like (four methyls)."""
+    rng = np.random.default_rng(4)
+    for rows in (
+        np.tile([[0.3, -0.2, 0.7, 0.1]], (6, 1)),
+        np.vstack([np.tile([[0.1, 0.5, -0.5, 0.2]], (4, 1)), [[0.9, 0, 0, 0]]]),
+    ):
+        n = len(rows)
+        z = np.zeros((1, N, D), np.float32)
+        z[0, :n] = rows
+        mask = np.arange(N)[None] < n
+        ref = head.apply("sorted", z, mask).values
+        for _ in range(100):
+            noisy = z.copy()
+            noisy[0, :n] = (rows + rng.normal(0, 1e-7, rows.shape))[rng.permutation(n)]
+            assert np.abs(head.apply("sorted", noisy, mask).values - ref).max() < 1e-6
+
+
+def test_sorted_is_a_lossless_cross_section(head: SortedProjectionHead) -> None:
+    z, mask = batch(5)
+    values = head.apply("sorted", z, mask).values
+    back, back_mask = head.unflatten(values)
+    np.testing.assert_array_equal(back_mask.sum(1), mask.sum(1))
+    for k in range(len(z)):
+        n = int(mask[k].sum())
+        assert np.allclose(
+            orbit_distance(back[k, :n], z[k, :n]), 0, atol=1e-6
+        )  # same rows, reordered
+        assert (values[k].reshape(N, D)[n:] == head.pad_value).all()  # padding sorts last
+    raw_back, raw_mask = head.unflatten(head.apply("raw", z, mask).values)
+    np.testing.assert_array_equal(raw_mask, mask)
+    np.testing.assert_allclose(raw_back, z)
+
+
+def test_padding_cannot_collide() -> None:
+    with pytest.raises(ValueError):
+        SortedProjectionHead(max_atoms=N, dim=D, latent_bound=1.0, pad_value=1.0)
+
+
+def test_sorting_scalars_is_isometric_and_rows_are_not() -> None:
+    rng = np.random.default_rng(6)
+    for _ in range(50):
+        a, b = rng.normal(size=(7, 1)), rng.normal(size=(7, 1))
+        d = np.linalg.norm(a[tolerant_order(a, 1e-9)] - b[tolerant_order(b, 1e-9)])
+        assert d == pytest.approx(orbit_distance(a, b), rel=1e-9)
+    for _ in range(50):
+        a, b = rng.normal(size=(7, 3)), rng.normal(size=(7, 3))
+        d = np.linalg.norm(a[tolerant_order(a, 1e-9)] - b[tolerant_order(b, 1e-9)])
+        assert d >= orbit_distance(a, b) - 1e-9  # a cross-section never shrinks orbit distances
+
+
+def test_orbit_distance_matches_brute_force() -> None:
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(5, 2)), rng.normal(size=(5, 2))
+    brute = min(np.linalg.norm(a - b[list(p)]) for p in itertools.permutations(range(5)))
+    assert orbit_distance(a, b) == pytest.approx(brute)
+
+
+def test_describe_and_unknown(head: SortedProjectionHead) -> None:
+    info = {p.name: p for p in head.describe()}
+    assert info["sorted"].dimension == N * D and info["sorted"].invariant
+    assert not info["raw"].invariant and info["sum"].dimension == D
+    with pytest.raises(KeyError):
+        head.apply("max", *batch())
+
+
+def test_save_load(tmp_path, head: SortedProjectionHead) -> None:  # type: ignore[no-untyped-def]
+    head.save(tmp_path / "p.json")
+    assert SortedProjectionHead.load(tmp_path / "p.json") == head
