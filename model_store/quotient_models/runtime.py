@@ -6,14 +6,17 @@ Lifecycle of a served model (the contract both backends use):
 2. ``model.prepare(input_bytes, limits)`` turns one client item into a model-ready array, raising
    ``InputError`` with a reason for a bad item (called per item, before batching);
 3. ``model.collate(items)`` stacks prepared items into named arrays (the wire batch);
-4. ``model.embed_batch(arrays, projection)`` runs the encoder and the projection.
-``quotient_models.serving.handle_payload`` wraps 3-4 for the TorchServe handler and the embedded
+4. ``model.embed_batch(arrays, projection)`` runs the encoder and the projection;
+5. ``model.decode(values)`` (only where ``model.can_decode``): embeddings of the default projection
+   [B, D] → one ``Decoded`` per row (``check_decode_values`` validates the rows first).
+``quotient_models.serving.handle_payload`` wraps 3-5 for the TorchServe handler and the embedded
 backend alike.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +28,15 @@ from quotient_models.images.preprocess import FORMATS, decode_image
 from quotient_models.projections import CyclicProjectionHead, ProjectionInfo, ProjectionOutput
 from quotient_models.spec import ModelSpec
 
-__all__ = ["ENGINES", "EmbeddingModel", "ImageModel", "InputLimits", "load_model"]
+__all__ = [
+    "ENGINES",
+    "Decoded",
+    "EmbeddingModel",
+    "ImageModel",
+    "InputLimits",
+    "check_decode_values",
+    "load_model",
+]
 
 ENGINES = ("onnx", "torch")
 
@@ -86,6 +97,13 @@ class TorchEncoder:
             return self.module(t).reshape(len(x), -1).float().cpu().numpy()
 
 
+class Decoded(Protocol):
+    """What one embedding decodes to: canonical SMILES, or the reason there is no molecule."""
+
+    smiles: str | None
+    reason: str | None
+
+
 class EmbeddingModel(ABC):
     """A served model: spec, encoder, projections."""
 
@@ -104,6 +122,15 @@ class EmbeddingModel(ABC):
     def embed_batch(
         self, arrays: dict[str, np.ndarray], projection: str | None = None
     ) -> ProjectionOutput: ...
+
+    @property
+    def can_decode(self) -> bool:
+        """Whether ``decode`` turns embeddings back into inputs (False: no decoder)."""
+        return False
+
+    def decode(self, values: np.ndarray) -> Sequence[Decoded]:
+        """Embeddings [B, D] of the default projection → one ``Decoded`` per row."""
+        raise NotImplementedError(f"model {self.spec.name!r} has no decoder")
 
     def item_cost(self, item: np.ndarray) -> int:
         """Cost of one prepared item for the batcher's budget (pixels, atoms, ...)."""
@@ -154,6 +181,22 @@ class ImageModel(EmbeddingModel):
         self, arrays: dict[str, np.ndarray], projection: str | None = None
     ) -> ProjectionOutput:
         return self.embed(arrays["image"], projection)
+
+
+def check_decode_values(model: EmbeddingModel, rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Embeddings to decode → float32 [B, D]; raises ``InputError`` naming the first row whose
+    length is not the dimension of the model's default projection."""
+    default = model.resolve_projection(None)
+    dimension = next(p.dimension for p in model.projections() if p.name == default)
+    for i, row in enumerate(rows):
+        size = int(np.asarray(row).size)
+        if np.ndim(row) != 1 or size != dimension:
+            raise InputError(
+                f"embedding has {size} values; model {model.spec.name!r} decodes its default "
+                f"projection {default!r}, which has {dimension}",
+                index=i,
+            )
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), dimension)
 
 
 class _NoEncoder:

@@ -3,6 +3,10 @@
 A model batch travels as an uncompressed ``.npz`` (numpy's own format, read with
 ``allow_pickle=False``): the collated input arrays plus ``__projection__``; the answer is an
 ``.npz`` with ``values`` [B, D] float32 and, when computed, ``poses`` [B] float64.
+
+``__op__`` selects the operation (absent: "embed"). A "decode" batch (``encode_decode_batch``)
+holds ``values`` [B, D] float32, embeddings of the model's default projection; its answer holds
+``smiles`` and ``reasons`` [B] (unicode, "" where absent), read back by ``decode_molecules``.
 """
 
 from __future__ import annotations
@@ -12,11 +16,17 @@ import io
 import numpy as np
 
 from quotient_models.projections import ProjectionOutput
-from quotient_models.runtime import EmbeddingModel
+from quotient_models.runtime import EmbeddingModel, check_decode_values
 
-__all__ = ["decode_output", "encode_batch", "handle_payload"]
+__all__ = [
+    "decode_molecules",
+    "decode_output",
+    "encode_batch",
+    "encode_decode_batch",
+    "handle_payload",
+]
 
-_PROJECTION = "__projection__"
+_PROJECTION, _OP = "__projection__", "__op__"
 
 
 def encode_batch(arrays: dict[str, np.ndarray], projection: str) -> bytes:
@@ -27,7 +37,7 @@ def encode_batch(arrays: dict[str, np.ndarray], projection: str) -> bytes:
 
 def _decode_batch(payload: bytes) -> tuple[dict[str, np.ndarray], str]:
     with np.load(io.BytesIO(payload), allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files if k != _PROJECTION}
+        arrays = {k: f[k] for k in f.files if k not in (_PROJECTION, _OP)}
         projection = str(f[_PROJECTION]) if _PROJECTION in f.files else ""
     return arrays, projection
 
@@ -44,7 +54,45 @@ def decode_output(payload: bytes) -> ProjectionOutput:
         return ProjectionOutput(f["values"], f["poses"] if "poses" in f.files else None)
 
 
+def encode_decode_batch(values: np.ndarray) -> bytes:
+    """A "decode" batch: embeddings [B, D] of the model's default projection."""
+    buf = io.BytesIO()
+    np.savez(buf, values=np.asarray(values, dtype=np.float32), **{_OP: np.array("decode")})
+    return buf.getvalue()
+
+
+def decode_molecules(payload: bytes) -> list[tuple[str, str]]:
+    """The answer to a "decode" batch → (canonical SMILES, reason) per row, "" where absent."""
+    with np.load(io.BytesIO(payload), allow_pickle=False) as f:
+        return [(str(s), str(r)) for s, r in zip(f["smiles"], f["reasons"], strict=True)]
+
+
+def _handle_decode(model: EmbeddingModel, payload: bytes) -> bytes:
+    if not model.can_decode:
+        raise NotImplementedError(f"model {model.spec.name!r} has no decoder")
+    with np.load(io.BytesIO(payload), allow_pickle=False) as f:
+        values = check_decode_values(model, f["values"])
+    decoded = model.decode(values)
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        smiles=np.array([d.smiles or "" for d in decoded], dtype=str),
+        reasons=np.array([d.reason or "" for d in decoded], dtype=str),
+    )
+    return buf.getvalue()
+
+
+def _op(payload: bytes) -> str:
+    with np.load(io.BytesIO(payload), allow_pickle=False) as f:
+        return str(f[_OP]) if _OP in f.files else "embed"
+
+
 def handle_payload(model: EmbeddingModel, payload: bytes) -> bytes:
-    """One model batch in, its embeddings out (both as bytes)."""
+    """One model batch in, its answer out (both as bytes): embeddings, or decoded molecules."""
+    op = _op(payload)
+    if op == "decode":
+        return _handle_decode(model, payload)
+    if op != "embed":
+        raise ValueError(f"unknown operation {op!r} in the model batch")
     arrays, projection = _decode_batch(payload)
     return _encode_output(model.embed_batch(arrays, projection or None))

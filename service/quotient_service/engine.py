@@ -16,12 +16,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quotient_models import serving
 from quotient_models.errors import InputError
-from quotient_models.runtime import EmbeddingModel, InputLimits
+from quotient_models.runtime import EmbeddingModel, InputLimits, check_decode_values
 from quotient_service.backends.base import Backend
 from quotient_service.batching import Batcher
 from quotient_service.config import Settings
-from quotient_service.errors import InvalidArgument, NotFound, Unavailable
+from quotient_service.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "EmbedResult", "Engine", "Item"]
 
@@ -115,18 +122,50 @@ class Engine:
             result.batch_size,
         )
 
-    def _check_request(self, model: EmbeddingModel, items: list[Item]) -> None:
-        if not items:
-            raise InvalidArgument(
-                "the request has no inputs", field="inputs", reason="INVALID_REQUEST"
+    async def decode(
+        self, model_name: str, rows: list[np.ndarray], timeout: float | None = None
+    ) -> list[tuple[str, str]]:
+        """Decode embeddings of ``model_name``'s default projection → (canonical SMILES, reason)
+        per row, "" where absent. Runs as one backend batch, outside the batcher (decoding is
+        rare); ``timeout`` is the client's remaining time, if any."""
+        model = self.model(model_name)
+        if not model.can_decode:
+            raise FailedPrecondition(
+                f"model {model_name!r} has no decoder; Decode is served by molecule models",
+                reason="NO_DECODER",
+                metadata={"model": model_name},
             )
-        if len(items) > self.settings.max_inputs_per_request:
+        self._check_count(len(rows), "embeddings")
+        try:
+            values = check_decode_values(model, rows)
+        except InputError as exc:
+            field = f"embeddings[{exc.index}].values"
+            raise InvalidArgument(exc.reason, index=exc.index, field=field) from None
+        budget = min(self.settings.request_timeout_s, timeout if timeout is not None else np.inf)
+        payload = serving.encode_decode_batch(values)
+        try:
+            answer = await asyncio.wait_for(self.backend.run(model_name, payload), budget)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"decoding {len(rows)} embeddings did not finish within its deadline"
+            ) from None
+        return serving.decode_molecules(answer)
+
+    def _check_count(self, n: int, field: str) -> None:
+        if not n:
             raise InvalidArgument(
-                f"{len(items)} inputs, above the limit of {self.settings.max_inputs_per_request} "
+                f"the request has no {field}", field=field, reason="INVALID_REQUEST"
+            )
+        if n > self.settings.max_inputs_per_request:
+            raise InvalidArgument(
+                f"{n} {field}, above the limit of {self.settings.max_inputs_per_request} "
                 "per request; split the request",
-                field="inputs",
+                field=field,
                 reason="TOO_MANY_INPUTS",
             )
+
+    def _check_request(self, model: EmbeddingModel, items: list[Item]) -> None:
+        self._check_count(len(items), "inputs")
         modality = model.spec.modality
         for i, (kind, _) in enumerate(items):
             if kind is None:

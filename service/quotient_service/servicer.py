@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf.duration_pb2 import Duration
 
 from quotient.v1 import embedding_service_pb2 as pb
@@ -33,7 +34,7 @@ R = TypeVar("R")
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    """The four RPCs; each decodes its request, calls the engine and encodes the answer."""
+    """The five RPCs; each decodes its request, calls the engine and encodes the answer."""
 
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine, self.settings, self.metrics = engine, settings, metrics
@@ -63,6 +64,17 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.Model:
         return self._model(self.engine.model(request.name))
+
+    async def Decode(
+        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DecodeResponse:
+        rows = [np.asarray(e.values, dtype=np.float32) for e in request.embeddings]
+        decoded = await self.engine.decode(request.model, rows, context.time_remaining())
+        return pb.DecodeResponse(
+            molecules=[pb.DecodedMolecule(smiles=s, reason=r) for s, r in decoded],
+            model=request.model,
+            request_id=request.request_id,
+        )
 
     async def _answer(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
@@ -106,7 +118,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 image_formats=list(limits.formats) if spec.modality == "image" else [],
                 model_input_size=spec.input_size,
                 max_atoms=int(inputs.get("max_atoms", 0)),
-                elements=list(inputs.get("elements", [])),
+                elements=list(
+                    inputs.get("elements", spec.raw.get("domain", {}).get("elements", []))
+                ),
             ),
             metrics=[
                 pb.Metric(

@@ -67,3 +67,13 @@ def test_bad_smiles_name_the_item_and_the_reason(service, bad, reason):
     with Client(service.target) as client, pytest.raises(InvalidInputError) as info:
         client.embed_molecules(["CCO", bad, "CC"], model="tiny-mol")
     assert info.value.index == 1 and reason in str(info.value).lower()
+
+
+def test_get_model_states_the_domain(service):
+    with Client(service.target) as client:
+        info = client.get_model("tiny-mol")
+    assert info.modality == "molecule" and info.default_projection == "sorted"
+    assert info.input_limits.max_atoms == 9
+    assert set(info.input_limits.elements) == {"C", "N", "O", "F"}
+    raw = next(p for p in info.projections if p.name == "raw")
+    assert not raw.invariant and all(p.invariant for p in info.projections if p.name != "raw")

@@ -117,7 +117,7 @@ def target():
         ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED", qc.DeadlineExceededError),
         ("PERMISSION_DENIED", "DENIED", qc.PermissionDeniedError),
         ("UNAUTHENTICATED", "NO_TOKEN", qc.UnauthenticatedError),
-        ("FAILED_PRECONDITION", "FAILED_PRECONDITION", qc.QuotientError),
+        ("FAILED_PRECONDITION", "NO_DECODER", qc.FailedPreconditionError),
         ("INTERNAL", "INTERNAL", qc.QuotientError),
     ],
 )

@@ -137,3 +137,35 @@ def test_a_request_without_body_bytes_is_a_400(handler, model_dir: Path, row) ->
     with pytest.raises(PredictionException) as info:
         handler.handle([row], _context(model_dir))
     assert info.value.error_code == 400
+
+
+@pytest.fixture(scope="module")
+def molecule_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("rdkit", reason="molecule models need RDKit")
+    from quotient_models.molecules.testing import write_tiny_molecule_model
+
+    return write_tiny_molecule_model(tmp_path_factory.mktemp("mol") / "tiny-mol")
+
+
+def test_a_decode_batch_is_answered_like_handle_payload(molecule_dir: Path) -> None:
+    model = load_model(molecule_dir, "onnx")
+    values = model.embed_smiles(["CCO", "OC1CC1", "CC(=O)N"]).values
+    payload = serving.encode_decode_batch(values)
+    want = serving.decode_molecules(serving.handle_payload(model, payload))
+    h = _handler_class()()
+    h.initialize(_context(molecule_dir))
+    [answer] = h.handle([{"body": bytearray(payload)}], _context(molecule_dir))
+    assert serving.decode_molecules(answer) == want
+    assert want == [(d.smiles or "", d.reason or "") for d in model.decode(values)]
+    assert all(bool(s) != bool(r) for s, r in want)
+    bad = serving.encode_decode_batch(np.zeros((2, values.shape[1] + 1), np.float32))
+    with pytest.raises(PredictionException) as info:
+        h.handle([{"body": bad}], _context(molecule_dir))
+    assert info.value.error_code == 400 and "default projection" in info.value.message
+
+
+def test_a_model_without_decoder_refuses_a_decode_batch(model_dir: Path) -> None:
+    model = load_model(model_dir, "onnx")
+    assert not model.can_decode
+    with pytest.raises(NotImplementedError, match="no decoder"):
+        serving.handle_payload(model, serving.encode_decode_batch(np.zeros((1, 8), np.float32)))

@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from quotient_client._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client
 from quotient_client._errors import (
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidInputError,
     ModelNotFoundError,
     PermissionDeniedError,
@@ -22,7 +23,13 @@ from quotient_client._errors import (
     error_from_status,
 )
 from quotient_client._inputs import ImageLike, encode_image
-from quotient_client._models import InputLimits, ModelInfo, ProjectionInfo, SymmetryGroup
+from quotient_client._models import (
+    DecodedMolecule,
+    InputLimits,
+    ModelInfo,
+    ProjectionInfo,
+    SymmetryGroup,
+)
 
 try:
     __version__ = version("quotient-client")
@@ -34,6 +41,8 @@ __all__ = [
     "DEFAULT_TARGET",
     "Client",
     "DeadlineExceededError",
+    "DecodedMolecule",
+    "FailedPreconditionError",
     "ImageLike",
     "InputLimits",
     "InvalidInputError",

@@ -21,7 +21,7 @@ from quotient_client._errors import (
 )
 from quotient_client._health import health_check
 from quotient_client._inputs import ImageLike, chunk_inputs, image_inputs, molecule_inputs
-from quotient_client._models import ModelInfo
+from quotient_client._models import DecodedMolecule, ModelInfo
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_TARGET", "Client"]
 
@@ -40,7 +40,8 @@ class Client:
        ``{"authorization": "Bearer ..."}``) to send with every call.
     2. ``embed_images`` / ``embed_molecules`` split the caller's items into requests of at most
        ``batch_size`` items (and of the model's ``max_inputs_per_request``, and under
-       ``max_message_bytes``), send them in order and return one float32 row per item.
+       ``max_message_bytes``), send them in order and return one float32 row per item;
+       ``decode`` turns a molecule model's default embeddings back into molecules.
     3. Model descriptions are fetched once per name and cached; the default model of a modality
        is resolved through ``list_models`` once.
     4. ``close()`` (or leaving a ``with`` block) closes the channel.
@@ -231,6 +232,39 @@ class Client:
         """Embed one SMILES string or an iterable of them → float32 array [n, dimension].
         ``model`` defaults to the server's only molecule model."""
         return self._embed("molecule", molecule_inputs(smiles), model, projection, batch_size)[0]
+
+    def decode(
+        self,
+        embeddings: np.ndarray | Sequence[Sequence[float]],
+        *,
+        model: str | None = None,
+        batch_size: int = 256,
+    ) -> list[DecodedMolecule]:
+        """Decode embeddings of a model's default projection (rows of ``embed_molecules``'s
+        answer) → one ``DecodedMolecule`` per row, in order: canonical SMILES, or ``reason`` when
+        the decoded graph is not a valid molecule. ``model`` defaults to the server's only
+        molecule model; a model without a decoder raises ``FailedPreconditionError``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        rows = [np.asarray(row, np.float32).ravel() for row in embeddings]
+        name = model if model is not None else self._model(None, "molecule").name
+        cached = self._models.get(name)
+        limit = cached.input_limits.max_inputs_per_request if cached is not None else 0
+        per_request = min(batch_size, limit) if limit > 0 else batch_size
+        out: list[DecodedMolecule] = []
+        for start in range(0, len(rows), per_request):
+            chunk = rows[start : start + per_request]
+            request = pb.DecodeRequest(
+                model=name, embeddings=[pb.Embedding(values=r.tolist()) for r in chunk]
+            )
+            response = self._call(self._stub.Decode, request, offset=start)
+            if len(response.molecules) != len(chunk):
+                raise QuotientError(
+                    f"the server returned {len(response.molecules)} molecules for "
+                    f"{len(chunk)} embeddings"
+                )
+            out += [DecodedMolecule(m.smiles or None, m.reason or None) for m in response.molecules]
+        return out
 
     def _embed(
         self,

@@ -1,9 +1,10 @@
 """Typed exceptions for failed calls, decoded from the server's rich ``google.rpc.Status``.
 
 The server attaches an ``ErrorInfo`` (reason, domain "quotient", metadata "index" and "reason")
-and, for a bad item, a ``BadRequest.FieldViolation`` ("inputs[3].image.data"). Indices in those
-details count from the start of one request; the client splits the caller's items into several
-requests, so ``offset`` (the request's first item) turns them back into the caller's indices.
+and, for a bad item, a ``BadRequest.FieldViolation`` ("inputs[3].image.data", for Decode
+"embeddings[2].values"). Indices in those details count from the start of one request; the client
+splits the caller's items into several requests, so ``offset`` (the request's first item) turns
+them back into the caller's indices.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from grpc_status import rpc_status
 
 __all__ = [
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "InvalidInputError",
     "ModelNotFoundError",
     "PermissionDeniedError",
@@ -29,7 +31,7 @@ __all__ = [
     "error_from_status",
 ]
 
-_FIELD_INDEX = re.compile(r"^inputs\[(\d+)\]")
+_FIELD_INDEX = re.compile(r"^(inputs|embeddings)\[(\d+)\]")
 _BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -87,6 +89,11 @@ class DeadlineExceededError(QuotientError):
     """DEADLINE_EXCEEDED: the call took longer than its timeout."""
 
 
+class FailedPreconditionError(QuotientError):
+    """FAILED_PRECONDITION: valid in form, but the model cannot do it (for example ``decode`` with
+    a model that has no decoder, reason "NO_DECODER")."""
+
+
 class PermissionDeniedError(QuotientError):
     """PERMISSION_DENIED: the credentials may not use this model or method."""
 
@@ -102,6 +109,7 @@ _CLASSES: dict[grpc.StatusCode, type[QuotientError]] = {
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
 
@@ -116,7 +124,7 @@ def _unpack(packed: Any) -> Any:
 
 
 def _shift_field(field: str, offset: int) -> str:
-    return _FIELD_INDEX.sub(lambda m: f"inputs[{int(m.group(1)) + offset}]", field, count=1)
+    return _FIELD_INDEX.sub(lambda m: f"{m.group(1)}[{int(m.group(2)) + offset}]", field, count=1)
 
 
 def _build(
@@ -146,7 +154,7 @@ def _build(
         index = int(metadata["index"]) + offset
         metadata["index"] = str(index)
     elif field and (match := _FIELD_INDEX.match(field)):
-        index = int(match.group(1))  # already shifted
+        index = int(match.group(2))  # already shifted
     if index is not None and metadata.get("reason"):
         message = f"input {index}: {metadata['reason']}"  # the server's text counts per request
     return InvalidInputError(message, index=index, field=field, **kwargs)

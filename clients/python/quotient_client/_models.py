@@ -6,9 +6,18 @@ from dataclasses import dataclass, field
 
 from quotient.v1 import embedding_service_pb2 as pb
 
-__all__ = ["InputLimits", "ModelInfo", "ProjectionInfo", "SymmetryGroup"]
+__all__ = ["DecodedMolecule", "InputLimits", "ModelInfo", "ProjectionInfo", "SymmetryGroup"]
 
 _MODALITIES = {pb.MODALITY_IMAGE: "image", pb.MODALITY_MOLECULE: "molecule"}
+
+
+@dataclass(frozen=True)
+class DecodedMolecule:
+    """What one embedding decodes to: ``smiles`` (canonical, non-isomeric) when the decoded graph
+    is a valid molecule, else None and ``reason`` says why."""
+
+    smiles: str | None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

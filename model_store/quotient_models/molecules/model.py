@@ -190,6 +190,10 @@ class MoleculeModel(EmbeddingModel):
             )
         return out
 
+    @property
+    def can_decode(self) -> bool:
+        return True
+
     def decode(self, values: np.ndarray) -> list[DecodedMolecule]:
         """``sorted`` (or ``raw``) embeddings [B, N*d] → canonical SMILES or a reason, per item."""
         z, mask = self.head.unflatten(values)
