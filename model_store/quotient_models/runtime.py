@@ -100,8 +100,11 @@ class TorchEncoder:
 class Decoded(Protocol):
     """What one embedding decodes to: canonical SMILES, or the reason there is no molecule."""
 
-    smiles: str | None
-    reason: str | None
+    @property
+    def smiles(self) -> str | None: ...
+
+    @property
+    def reason(self) -> str | None: ...
 
 
 class EmbeddingModel(ABC):

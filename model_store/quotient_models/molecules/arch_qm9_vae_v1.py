@@ -143,7 +143,7 @@ class Encoder(nn.Module):
         count = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
         for layer, ctx in zip(self.layers, self.ctx, strict=True):
             mean = (h * mask).sum(dim=1, keepdim=True) / count
-            h = layer.forward_dense(h, bonds, adj, ctx(mean).expand_as(h)) * mask
+            h = layer.forward_dense(h, bonds, adj, ctx(mean).expand_as(h)) * mask  # type: ignore[operator]
         mu, logvar = self.head(h)
         return mu * mask, logvar * mask
 

@@ -94,7 +94,10 @@ def prepare(out: Path, seed: int = 0, limit: int | None = None) -> dict:
             dropped[exc.reason.split(":")[0]] += 1
             continue
         back = decode_graph(
-            [_SYMBOLS[z] for z in g.atomic_numbers], g.charges, g.hydrogens, g.bonds
+            [_SYMBOLS[z] for z in g.atomic_numbers],
+            g.charges.tolist(),
+            g.hydrogens.tolist(),
+            g.bonds,
         )
         if back.smiles != g.smiles:
             dropped["graph does not decode to the same SMILES"] += 1

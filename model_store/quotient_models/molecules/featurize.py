@@ -52,7 +52,7 @@ _PT = None  # RDKit periodic table, created on first use
 def _chem() -> Any:
     from rdkit import Chem, RDLogger
 
-    RDLogger.DisableLog("rdApp.*")  # parse errors become InputError reasons, not log lines
+    RDLogger.DisableLog("rdApp.*")  # type: ignore[attr-defined]  # reasons, not log lines
     return Chem
 
 
