@@ -51,11 +51,12 @@ class InputLimits:
 
 
 class Encoder(Protocol):
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+    def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]: ...
 
 
-class OnnxEncoder:
-    """ONNX Runtime session; CUDA when asked for and available, otherwise the CPU."""
+class OnnxSession:
+    """An exported network through ONNX Runtime: CUDA when asked for and available, else the CPU.
+    Called with the network's inputs in order; returns its outputs in order."""
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
         import onnxruntime as ort
@@ -67,17 +68,17 @@ class OnnxEncoder:
             device_id = int(device.split(":")[1]) if ":" in device else 0
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
+        self.names = [i.name for i in self.session.get_inputs()]
         self.providers = self.session.get_providers()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[
-            0
-        ]
+    def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        feed = {n: np.ascontiguousarray(x) for n, x in zip(self.names, inputs, strict=True)}
+        return self.session.run(None, feed)
 
 
-class TorchEncoder:
-    """TorchScript module saved from escnn's ``.export()``; runs without escnn."""
+class TorchSession:
+    """A TorchScript module (e.g. saved from escnn's ``.export()``); runs without escnn or PyG.
+    Same calling convention as ``OnnxSession``."""
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
         import torch
@@ -91,10 +92,14 @@ class TorchEncoder:
         self.module = torch.jit.load(str(path), map_location=self.device).eval()
         self.providers = [str(self.device)]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         with self.torch.inference_mode():
-            t = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-            return self.module(t).reshape(len(x), -1).float().cpu().numpy()
+            tensors = [
+                self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in inputs
+            ]
+            out = self.module(*tensors)
+        outs = out if isinstance(out, tuple | list) else (out,)
+        return [o.float().cpu().numpy() for o in outs]
 
 
 class Decoded(Protocol):
@@ -174,7 +179,7 @@ class ImageModel(EmbeddingModel):
             raise InputError(
                 f"expected images of shape [B, 1, {self.size}, {self.size}], got {list(x.shape)}"
             )
-        z = self.encoder(x)
+        z = self.encoder(np.asarray(x, dtype=np.float32))[0]
         return z.reshape(len(x), self.head.fields, self.head.order)
 
     def embed(self, x: np.ndarray, projection: str | None = None) -> ProjectionOutput:
@@ -205,7 +210,7 @@ def check_decode_values(model: EmbeddingModel, rows: Sequence[np.ndarray]) -> np
 class _NoEncoder:
     """The encoder where only preparation runs (the service in front of TorchServe)."""
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         raise RuntimeError("this model was loaded without an encoder (engine=None)")
 
 
@@ -229,8 +234,8 @@ def load_model(
     if engine is None:
         encoder = _NoEncoder()
     elif engine == "onnx":
-        encoder = OnnxEncoder(spec.path("encoder", "onnx"), device=device, threads=threads)
+        encoder = OnnxSession(spec.path("encoder", "onnx"), device=device, threads=threads)
     else:
-        encoder = TorchEncoder(spec.path("encoder", "torchscript"), device=device, threads=threads)
+        encoder = TorchSession(spec.path("encoder", "torchscript"), device=device, threads=threads)
     head = CyclicProjectionHead.load(spec.path("projection_head", "file"))
     return ImageModel(spec, encoder, head)

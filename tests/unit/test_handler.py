@@ -97,7 +97,7 @@ def test_one_answer_per_request(handler, model_dir: Path) -> None:
 def test_engine_comes_from_the_model_config(model_dir: Path) -> None:
     h = _handler_class()()
     h.initialize(_context(model_dir, {"handler": {"engine": "torch", "threads": 1}}))
-    assert type(h.model.encoder).__name__ == "TorchEncoder"
+    assert type(h.model.encoder).__name__ == "TorchSession"
     assert h.device == "cpu"
     torch_out = serving.decode_output(h.handle([{"body": _batch()}], _context(model_dir))[0])
     onnx_out = serving.decode_output(

@@ -32,47 +32,10 @@ from quotient_models.molecules.featurize import (
 )
 from quotient_models.molecules.projections import SortedProjectionHead
 from quotient_models.projections import ProjectionInfo, ProjectionOutput
-from quotient_models.runtime import ENGINES, EmbeddingModel, InputLimits
+from quotient_models.runtime import ENGINES, EmbeddingModel, InputLimits, OnnxSession, TorchSession
 from quotient_models.spec import ModelSpec
 
 __all__ = ["MoleculeModel", "load_molecule_model"]
-
-
-class _Onnx:
-    def __init__(self, path: Path, device: str, threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.names = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, dict(zip(self.names, inputs, strict=True)))
-
-
-class _Torch:
-    def __init__(self, path: Path, device: str, threads: int) -> None:
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
-        self.device = torch.device(
-            device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
-        )
-        self.module = torch.jit.load(str(path), map_location=self.device).eval()
-
-    def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
-        with self.torch.inference_mode():
-            out = self.module(
-                *[self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in inputs]
-            )
-        outs = out if isinstance(out, tuple | list) else (out,)
-        return [o.float().cpu().numpy() for o in outs]
 
 
 class MoleculeModel(EmbeddingModel):
@@ -212,11 +175,11 @@ def load_molecule_model(
     if engine is None:
         encoder = decoder = _unavailable
     elif engine == "onnx":
-        encoder = _Onnx(spec.path("encoder", "onnx"), device, threads)
-        decoder = _Onnx(spec.path("decoder", "onnx"), device, threads)
+        encoder = OnnxSession(spec.path("encoder", "onnx"), device, threads)
+        decoder = OnnxSession(spec.path("decoder", "onnx"), device, threads)
     elif engine == "torch":
-        encoder = _Torch(spec.path("encoder", "torchscript"), device, threads)
-        decoder = _Torch(spec.path("decoder", "torchscript"), device, threads)
+        encoder = TorchSession(spec.path("encoder", "torchscript"), device, threads)
+        decoder = TorchSession(spec.path("decoder", "torchscript"), device, threads)
     else:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     head = SortedProjectionHead.load(spec.path("projection_head", "file"))
