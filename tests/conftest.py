@@ -7,6 +7,7 @@ tests/e2e ``e2e`` (``--strict-markers`` is on, so the names are registered in py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import shutil
@@ -155,3 +156,58 @@ def start_service(loop_thread: LoopThread) -> Iterator[Callable[..., ServiceHand
     yield start
     for handle in started:
         handle.stop()
+
+
+# ---------------------------------------------------------------- a TorchServe-backed server
+
+
+@contextlib.contextmanager
+def torchserve_service(
+    lt: LoopThread, store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Archive every model under ``store``, start our server with ``--backend torchserve`` on free
+    loopback ports, yield its target; on exit stop it and check no TorchServe process is left."""
+    import subprocess
+    import sys
+
+    from quotient_service.config import Settings
+    from quotient_service.server import create_server
+
+    archives = tmp_path_factory.mktemp("ts-archives")
+    for model_dir in sorted(p.parent for p in store.glob("*/model.json")):
+        cmd = [sys.executable, "-m", "quotient_models.archive", "--model-dir", str(model_dir)]
+        subprocess.run([*cmd, "--export-path", str(archives)], check=True, capture_output=True)
+    workdir = tmp_path_factory.mktemp("ts-work")
+    grpc_port, grpc_mgmt, http, mgmt, metrics = (free_port() for _ in range(5))
+    settings = Settings(
+        port=0, metrics_port=0, backend="torchserve", model_store=str(store),
+        archive_dir=str(archives), torchserve_workdir=str(workdir),
+        torchserve_grpc_port=grpc_port, torchserve_grpc_management_port=grpc_mgmt,
+        torchserve_inference_port=http, torchserve_management_port=mgmt,
+        torchserve_metrics_port=metrics, torchserve_startup_timeout_s=120.0,
+    )  # fmt: skip
+    _, port, app = lt.run(create_server(settings))
+    try:
+        lt.run(app.start(), timeout=settings.torchserve_startup_timeout_s + 30)
+        yield f"127.0.0.1:{port}"
+    finally:
+        lt.run(app.stop(0), timeout=60)
+    leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline") if _mentions(p, str(workdir))]
+    assert not leftovers, f"TorchServe processes left behind: {leftovers}"
+
+
+def _mentions(cmdline: Path, text: str) -> bool:
+    """Whether a live (not zombie) process's command line contains ``text``."""
+    try:
+        alive = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return alive and text.encode() in cmdline.read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def torchserve_service_at(
+    loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[Path], contextlib.AbstractContextManager[str]]:
+    """``with torchserve_service_at(store) as target:`` a TorchServe-backed server of ``store``."""
+    return lambda store: torchserve_service(loop_thread, store, tmp_path_factory)

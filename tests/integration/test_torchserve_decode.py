@@ -4,8 +4,6 @@ the same answer through the public API (both run ``handle_payload``). One TorchS
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +12,6 @@ import pytest
 pytest.importorskip("rdkit", reason="molecule models need RDKit (make install-molecules)")
 
 from quotient_client import Client, InvalidInputError
-from quotient_service.config import Settings
-from quotient_service.server import create_server
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,29 +34,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def torchserve_target(
-    loop_thread, pick_port, store: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    archives = tmp_path_factory.mktemp("ts-molarchives")
-    cmd = [
-        sys.executable, "-m", "quotient_models.archive",
-        "--model-dir", str(store / MODEL), "--export-path", str(archives),
-    ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True)
-    grpc_port, grpc_mgmt, http, mgmt, metrics = (pick_port() for _ in range(5))
-    settings = Settings(
-        port=0, metrics_port=0, backend="torchserve", model_store=str(store),
-        archive_dir=str(archives), torchserve_workdir=str(tmp_path_factory.mktemp("ts-decode")),
-        torchserve_grpc_port=grpc_port, torchserve_grpc_management_port=grpc_mgmt,
-        torchserve_inference_port=http, torchserve_management_port=mgmt,
-        torchserve_metrics_port=metrics, torchserve_startup_timeout_s=120.0,
-    )  # fmt: skip
-    _, port, app = loop_thread.run(create_server(settings))
-    try:
-        loop_thread.run(app.start(), timeout=settings.torchserve_startup_timeout_s + 30)
-        yield f"127.0.0.1:{port}"
-    finally:
-        loop_thread.run(app.stop(0), timeout=60)
+def torchserve_target(torchserve_service_at, store: Path) -> Iterator[str]:
+    with torchserve_service_at(store) as target:
+        yield target
 
 
 def test_both_backends_decode_alike(start_service, store: Path, torchserve_target: str) -> None:

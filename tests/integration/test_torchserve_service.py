@@ -5,8 +5,6 @@ answered the same way. One TorchServe start for the module."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +15,6 @@ import pytest
 from quotient.v1 import embedding_service_pb2 as pb
 from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 from quotient_models.invariance import relative_change
-from quotient_service.config import Settings
-from quotient_service.server import create_server
 
 pytestmark = [
     pytest.mark.slow,
@@ -32,44 +28,9 @@ PROJECTIONS = ["align", "maxfilter", "mean", "max", "raw"]
 
 
 @pytest.fixture(scope="module")
-def archives(tiny_model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("archives")
-    cmd = [
-        sys.executable, "-m", "quotient_models.archive",
-        "--model-dir", str(tiny_model_store / MODEL), "--export-path", str(out),
-    ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def torchserve_target(
-    loop_thread, pick_port, tiny_model_store: Path, archives: Path, tmp_path_factory
-) -> Iterator[str]:
-    grpc_port, grpc_mgmt, http, mgmt, metrics = (pick_port() for _ in range(5))
-    workdir = tmp_path_factory.mktemp("ts-service")
-    settings = Settings(
-        port=0, metrics_port=0, backend="torchserve", model_store=str(tiny_model_store),
-        archive_dir=str(archives), torchserve_workdir=str(workdir),
-        torchserve_grpc_port=grpc_port, torchserve_grpc_management_port=grpc_mgmt,
-        torchserve_inference_port=http, torchserve_management_port=mgmt,
-        torchserve_metrics_port=metrics, torchserve_startup_timeout_s=120.0,
-    )  # fmt: skip
-    _, port, app = loop_thread.run(create_server(settings))
-    try:
-        loop_thread.run(app.start(), timeout=settings.torchserve_startup_timeout_s + 30)
-        yield f"127.0.0.1:{port}"
-    finally:
-        loop_thread.run(app.stop(0), timeout=60)
-    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if _mentions(p, str(workdir))]
-
-
-def _mentions(cmdline: Path, text: str) -> bool:
-    try:
-        alive = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        return alive and text.encode() in cmdline.read_bytes()
-    except OSError:
-        return False
+def torchserve_target(torchserve_service_at, tiny_model_store: Path) -> Iterator[str]:
+    with torchserve_service_at(tiny_model_store) as target:
+        yield target
 
 
 @pytest.fixture(scope="module")
