@@ -69,9 +69,9 @@ eval-images: $(STAMPS)/train data/mnist/mnist10k.npz ## measure the model card's
 data/qm9/qm9.npz: model_store/quotient_models/molecules/data.py | $(STAMPS)/molecules
 	$(PY) -m quotient_models.molecules.data prepare --out data/qm9
 
-data-molecules: data/qm9/qm9.npz ## read QM9 from PyPI qm9pack, featurise, split, checksum (issue 3, in progress)
+data-molecules: data/qm9/qm9.npz ## read QM9 from PyPI qm9pack, featurise, split, checksum
 
-train-molecules: $(STAMPS)/molecules data/qm9/qm9.npz ## train the QM9 graph VAE on CPU (<= 45 min)
+train-molecules: $(STAMPS)/molecules data/qm9/qm9.npz ## train the QM9 graph VAE on CPU: fixed 6-epoch plan, reproducible (about 20-30 min)
 	$(PY) -m quotient_models.molecules.train --data data/qm9 --out model_store/models/qm9-vae
 
 eval-molecules: $(STAMPS)/molecules data/qm9/qm9.npz ## measure the QM9 model card's figures
@@ -90,7 +90,7 @@ serve: $(STAMPS)/serve $(STAMPS)/client $(ARCHIVES) ## run the service on 127.0.
 	$(VENV)/bin/quotient-server
 
 # ---------------------------------------------------------------- tests and checks
-test: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## install and run the whole test suite
+test: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) lint ## install, lint (ruff, mypy) and run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMPS)/test ## only tests/unit

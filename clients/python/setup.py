@@ -12,6 +12,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,4 +59,16 @@ class BuildWithStubs(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildWithStubs})
+class SdistWithProtos(sdist):
+    """Put the .proto files into the sdist (as ./protos) so that it builds outside the repo."""
+
+    def make_release_tree(self, base_dir: str, files: list[str]) -> None:
+        super().make_release_tree(base_dir, files)
+        root = _proto_root()
+        target = Path(base_dir) / "protos" / "quotient" / "v1"
+        target.mkdir(parents=True, exist_ok=True)
+        for proto in sorted((root / "quotient" / "v1").glob("*.proto")):
+            shutil.copy2(proto, target / proto.name)
+
+
+setup(cmdclass={"build_py": BuildWithStubs, "sdist": SdistWithProtos})

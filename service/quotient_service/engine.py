@@ -34,7 +34,15 @@ __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "EmbedResult", "Engine", "Item"
 
 Item = tuple[str | None, bytes]
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
-_DATA_FIELDS = {"image": "image.data", "molecule": "molecule.smiles"}  # for FieldViolation
+
+
+def _data_field(kind: str | None, data: bytes) -> str:
+    """The request field an item's data came from (for FieldViolation)."""
+    if kind == "image":
+        return "image.data"
+    if kind == "molecule":  # the servicer sends a MolBlock as multi-line text, a SMILES as one
+        return "molecule.molblock" if b"\n" in data.strip() else "molecule.smiles"
+    return str(kind)
 
 
 @dataclass(frozen=True)
@@ -187,9 +195,9 @@ class Engine:
             ),
             return_exceptions=True,
         )
-        for i, ((kind, _), out) in enumerate(zip(items, results, strict=True)):
+        for i, ((kind, data), out) in enumerate(zip(items, results, strict=True)):
             if isinstance(out, InputError):  # the first bad item by index, deterministically
-                field = f"inputs[{i}].{_DATA_FIELDS.get(str(kind), str(kind))}"
+                field = f"inputs[{i}].{_data_field(kind, data)}"
                 raise InvalidArgument(out.reason, index=i, field=field)
             if isinstance(out, BaseException):
                 raise out

@@ -137,12 +137,36 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
 def _items(request: pb.EmbedRequest) -> list[Item]:
     items: list[Item] = []
-    for item in request.inputs:
+    for i, item in enumerate(request.inputs):
         kind = item.WhichOneof("kind")
-        # the model contract takes bytes: SMILES travel as UTF-8
-        data = item.image.data if kind == "image" else item.molecule.smiles.encode("utf-8")
-        items.append((kind, data))
+        if kind == "molecule":
+            items.append((kind, _molecule_text(item.molecule, i)))
+        else:
+            items.append((kind, item.image.data if kind == "image" else b""))
     return items
+
+
+def _molecule_text(molecule: pb.Molecule, index: int) -> bytes:
+    """The model contract takes bytes: a molecule travels as UTF-8 text, a MolBlock recognised
+    by its line breaks (which a SMILES never has, so one with them is refused here)."""
+    fmt = molecule.WhichOneof("format")
+    field = f"inputs[{index}].molecule.{fmt or 'smiles'}"
+    if fmt == "molblock":
+        if "\n" not in molecule.molblock.strip():
+            raise errors.InvalidArgument(
+                "a MolBlock has several lines (header, counts, atoms, bonds, M  END); "
+                "send a SMILES in molecule.smiles",
+                index=index,
+                field=field,
+            )
+        return molecule.molblock.encode("utf-8")
+    if "\n" in molecule.smiles.strip():
+        raise errors.InvalidArgument(
+            "SMILES has a line break; send MolBlock or SDF text in molecule.molblock",
+            index=index,
+            field=field,
+        )
+    return molecule.smiles.encode("utf-8")
 
 
 def _duration(seconds: float) -> Duration:

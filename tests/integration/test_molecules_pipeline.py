@@ -65,6 +65,9 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
     assert metrics["reconstruction"]["agreement_sorted_raw"] == 1.0
     for reg in ("hgb", "krr"):
         row = metrics["regression"]["mae"][reg]["gap"]
-        assert set(row) >= {"sorted", "sum", "mean", "raw", "raw_renumbered", "predict_mean"}
+        assert set(row) >= {
+            *("sorted", "sum", "mean", "raw", "raw_renumbered", "raw_canonical", "predict_mean")
+        }
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Limits" in card and "acceptance checks" in card and "raw (renumbered)" in card
+    assert "raw (canonical)" in card and "fixed plan of 1 epochs" in card

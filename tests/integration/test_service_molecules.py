@@ -77,3 +77,103 @@ def test_get_model_states_the_domain(service):
     assert set(info.input_limits.elements) == {"C", "N", "O", "F"}
     raw = next(p for p in info.projections if p.name == "raw")
     assert not raw.invariant and all(p.invariant for p in info.projections if p.name != "raw")
+
+
+# --- MolBlock / SDF input through the public API -------------------------------------------
+
+
+def test_molblock_rdkit_mol_and_smiles_give_the_same_embedding(service):
+    smiles = ["OC(=O)C1CC1", "c1ccccc1O", "CC(C)(C)C"]
+    mols = [Chem.MolFromSmiles(s) for s in smiles]
+    renumbered = [Chem.RenumberAtoms(m, list(range(m.GetNumAtoms()))[::-1]) for m in mols]
+    blocks = [Chem.MolToMolBlock(m) + ">  <id>\nx\n\n$$$$\n" for m in renumbered]  # SDF records
+    with Client(service.target) as client:
+        a = client.embed_molecules(smiles, model="tiny-mol")
+        b = client.embed_molecules(blocks, model="tiny-mol")
+        c = client.embed_molecules(mols, model="tiny-mol")
+        lone = client.embed_molecules(mols[0], model="tiny-mol")
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lone, a[:1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("molecule", "field", "reason"),
+    [
+        ({"molblock": "CCO"}, "molblock", "a MolBlock has several lines"),
+        ({"molblock": "title\n\n\n  0  0  0\n"}, "molblock", "no 'M  END' line"),
+        ({"smiles": "CCO\nCC"}, "smiles", "SMILES has a line break"),
+        ({"molblock": "title\n\n\n  x  y  z\nM  END\n"}, "molblock", "RDKit cannot read"),
+        (
+            {"molblock": Chem.MolToMolBlock(Chem.MolFromSmiles("CC")) * 2},
+            "molblock",
+            "text holds 2 MolBlocks",
+        ),
+    ],
+)
+def test_bad_molblock_names_the_item_field_and_reason(service, molecule, field, reason):
+    """Raw stub, so that the field names of the wire format are what is checked."""
+    import grpc
+    from google.rpc import error_details_pb2, status_pb2
+
+    from quotient.v1 import embedding_service_pb2 as pb
+    from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+
+    good = pb.Input(molecule=pb.Molecule(smiles="CCO"))
+    request = pb.EmbedRequest(
+        model="tiny-mol", inputs=[good, pb.Input(molecule=pb.Molecule(**molecule)), good]
+    )
+    with grpc.insecure_channel(service.target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.EmbeddingServiceStub(channel).Embed(request, timeout=30)
+        again = pb_grpc.EmbeddingServiceStub(channel).Embed(
+            pb.EmbedRequest(model="tiny-mol", inputs=[good]), timeout=30
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("input 1: ") and reason in info.value.details()
+    status = status_pb2.Status.FromString(
+        dict(info.value.trailing_metadata())["grpc-status-details-bin"]
+    )
+    violations = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [v.field for v in bad.field_violations]
+    assert violations == [f"inputs[1].molecule.{field}"]
+    assert len(again.embeddings) == 1  # the server goes on serving
+
+
+def test_concurrent_molecules_of_different_sizes_batch_without_mixing(
+    start_service, tmp_path_factory
+):
+    """Single-molecule calls sent at once are batched together (padded to the model's
+    max_atoms, cost = atoms) and each caller gets its own molecule's embedding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from quotient.v1 import embedding_service_pb2 as pb
+    from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+    from quotient_models.molecules.model import load_molecule_model
+    from quotient_models.molecules.testing import write_tiny_molecule_model
+
+    root = tmp_path_factory.mktemp("molstore-batch")
+    write_tiny_molecule_model(root / "tiny-mol")
+    smiles = ["C", "CO", "CCO", "OC1CC1", "CC(=O)N", "c1ccccc1", "OC(=O)C1CC1", "CC(C)(C)CO"] * 4
+    want = load_molecule_model(root / "tiny-mol", engine="onnx").embed_smiles(smiles).values
+    svc = start_service(model_store=str(root), max_batch_delay_ms=50.0, max_batch_items=64)
+    with grpc.insecure_channel(svc.target) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+
+        def one(s: str) -> pb.EmbedResponse:
+            request = pb.EmbedRequest(
+                model="tiny-mol", inputs=[pb.Input(molecule=pb.Molecule(smiles=s))]
+            )
+            return stub.Embed(request, timeout=30)
+
+        with ThreadPoolExecutor(len(smiles)) as pool:
+            replies = list(pool.map(one, smiles))
+    got = np.array([r.embeddings[0].values for r in replies], dtype=np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert max(r.metadata.batch_size for r in replies) > 1  # they really shared batches

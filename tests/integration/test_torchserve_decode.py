@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("rdkit", reason="molecule models need RDKit (make install-molecules)")
@@ -51,3 +52,23 @@ def test_both_backends_decode_alike(start_service, store: Path, torchserve_targe
         with pytest.raises(InvalidInputError) as info:
             client.decode(rows, model=MODEL)
     assert info.value.index == 1 and info.value.field == "embeddings[1].values"
+
+
+def test_both_backends_embed_smiles_and_molblocks_alike(
+    start_service, store: Path, torchserve_target: str
+) -> None:
+    from rdkit import Chem
+
+    blocks = [Chem.MolToMolBlock(Chem.MolFromSmiles(s)) for s in SMILES]
+    embedded = start_service(model_store=str(store)).target
+    with Client(embedded) as client:
+        want = client.embed_molecules(SMILES, model=MODEL)
+    with Client(torchserve_target) as client:
+        got_smiles = client.embed_molecules(SMILES, model=MODEL)
+        got_blocks = client.embed_molecules(blocks, model=MODEL)
+        with pytest.raises(InvalidInputError) as info:
+            client.embed_molecules([blocks[0], blocks[1] + blocks[2]], model=MODEL)
+    np.testing.assert_allclose(got_smiles, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_blocks, want, rtol=1e-5, atol=1e-6)
+    assert info.value.index == 1 and "text holds 2 MolBlocks" in str(info.value)
+    assert info.value.field == "inputs[1].molecule.molblock"

@@ -15,7 +15,7 @@ from PIL import Image
 from quotient.v1 import embedding_service_pb2 as pb
 from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 from quotient_client import Client, ModelNotFoundError, encode_image
-from quotient_client._inputs import chunk_inputs, image_inputs
+from quotient_client._inputs import chunk_inputs, image_inputs, molecule_inputs
 
 DIM = 3
 
@@ -242,3 +242,22 @@ def test_default_model_must_be_unique(serve) -> None:
         with pytest.raises(ModelNotFoundError, match="no molecule model"):
             client.embed_molecules(["C"])
         assert client.embed_images([np.zeros((2, 2))], model="two").shape == (1, DIM)
+
+
+def test_molecule_inputs_pick_the_format() -> None:
+    block = "ethanol\n  RDKit\n\n  3  2  0  0  0  0  0  0  0  0999 V2000\nM  END\n"
+    got = list(molecule_inputs(["CCO", block, "  CC \n"]))
+    assert [m.molecule.WhichOneof("format") for m in got] == ["smiles", "molblock", "smiles"]
+    assert got[1].molecule.molblock == block and got[2].molecule.smiles == "  CC \n"
+    assert [m.molecule.smiles for m in molecule_inputs("CCO")] == ["CCO"]
+    with pytest.raises(TypeError, match="input 1: a molecule must be"):
+        list(molecule_inputs(["C", 3]))
+
+
+def test_rdkit_mols_travel_as_molblocks() -> None:
+    chem = pytest.importorskip("rdkit.Chem", reason="RDKit is optional for the client")
+    mol = chem.MolFromSmiles("OCC")
+    (one,) = molecule_inputs(mol)
+    assert one.molecule.WhichOneof("format") == "molblock"
+    back = chem.MolFromMolBlock(one.molecule.molblock)
+    assert [a.GetSymbol() for a in back.GetAtoms()] == ["O", "C", "C"]  # atom order kept

@@ -1,4 +1,5 @@
-"""SMILES → graph → SMILES: input reasons, round trips, and behaviour under atom renumbering."""
+"""SMILES or MolBlock → graph → SMILES: input reasons, round trips, and behaviour under atom
+renumbering."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ MOLECULES = [
         ("CCCCCCCCCC", "10 heavy atoms; this model accepts at most 9"),
         ("CCCl", "element Cl is outside this model's domain (C, N, O, F)"),
         ("CC[S]", "element S is outside this model's domain (C, N, O, F)"),
-        ("C[N+](C)(C)C.[Cl-]", "SMILES has 2 fragments; one connected molecule is expected"),
-        ("CC.O", "SMILES has 2 fragments; one connected molecule is expected"),
+        ("C[N+](C)(C)C.[Cl-]", "molecule has 2 fragments; one connected molecule is expected"),
+        ("CC.O", "molecule has 2 fragments; one connected molecule is expected"),
         ("[13CH4]", "atom 0 (C) has an isotope label; isotopes are not supported"),
         ("C[CH2]", "atom 1 (C) has unpaired electrons; radicals are not supported"),
         ("[O-2]", "atom 0 (O) has formal charge -2; allowed: -1, 0, +1"),
@@ -132,3 +133,51 @@ def test_collate_pads_with_minus_one() -> None:
     assert arrays["atoms"].shape == (2, 9, 4) and arrays["bonds"].shape == (2, 9, 9)
     assert (arrays["atoms"][0, 3:] == -1).all() and (arrays["atoms"][1, :6] >= 0).all()
     assert (arrays["bonds"][1][:6, :6] == 4).sum() == 12
+
+
+# --- MolBlock / SDF input ------------------------------------------------------------------
+
+
+def _molblock(smiles: str, *, v3000: bool = False, hydrogens: bool = False) -> str:
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    mol = Chem.MolFromSmiles(smiles)
+    if hydrogens:
+        mol = Chem.AddHs(mol)
+        AllChem.EmbedMolecule(mol, randomSeed=0)
+    return Chem.MolToMolBlock(mol, forceV3000=v3000)
+
+
+@pytest.mark.parametrize("smiles", ["CCO", "c1ccccc1O", "C[N+](C)(C)[O-]", "OC(=O)C1CC1"])
+@pytest.mark.parametrize("form", ["v2000", "v3000", "explicit_h_3d"])
+def test_molblock_gives_the_same_graph_as_smiles(smiles: str, form: str) -> None:
+    block = _molblock(smiles, v3000=form == "v3000", hydrogens=form == "explicit_h_3d")
+    a, b = featurize(smiles, QM9_DOMAIN), featurize(block, QM9_DOMAIN)
+    assert b.smiles == a.smiles
+    np.testing.assert_array_equal(b.atomic_numbers, a.atomic_numbers)
+    np.testing.assert_array_equal(b.hydrogens, a.hydrogens)
+    np.testing.assert_array_equal(b.charges, a.charges)
+    np.testing.assert_array_equal(b.bonds, a.bonds)
+
+
+def test_one_sdf_record_with_data_items_is_accepted() -> None:
+    record = _molblock("CC(=O)O") + ">  <name>\nacetic acid\n\n$$$$\n"
+    assert featurize(record, QM9_DOMAIN).smiles == "CC(=O)O"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (_molblock("CCO") + "$$$$\n" + _molblock("CC") + "$$$$\n", "SDF text holds 2 records"),
+        ("\n  RDKit\n\n  3  2  0  0  0  0  0  0  0  0999 V2000\n", "no 'M  END' line"),
+        ("title\n\n\n  x  y  garbage\nM  END\n", "RDKit cannot read the MolBlock"),
+        (_molblock("CCO.O"), "molecule has 2 fragments"),
+        (_molblock("CC[Si]"), "element Si is outside this model's domain"),
+        (_molblock("C" * 10), "10 heavy atoms; this model accepts at most 9"),
+    ],
+)
+def test_bad_molblocks_have_exact_reasons(text: str, reason: str) -> None:
+    with pytest.raises(InputError) as info:
+        featurize(text, QM9_DOMAIN)
+    assert reason in info.value.reason

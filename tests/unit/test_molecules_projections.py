@@ -152,3 +152,36 @@ def test_describe_and_unknown(head: SortedProjectionHead) -> None:
 def test_save_load(tmp_path, head: SortedProjectionHead) -> None:  # type: ignore[no-untyped-def]
     head.save(tmp_path / "p.json")
     assert SortedProjectionHead.load(tmp_path / "p.json") == head
+
+
+def test_canonical_rows_control_is_invariant_and_keeps_every_row() -> None:
+    """The regression control `raw_canonical` (evaluate._canonical_rows): rows of an
+    equivariant per-atom feature put into RDKit's canonical SMILES atom order come out the same
+    for every numbering, and are a permutation of the input rows."""
+    pytest.importorskip("rdkit")
+    from rdkit import Chem
+
+    from quotient_models.molecules.evaluate import _canonical_rows
+    from quotient_models.molecules.featurize import featurize
+
+    base = Chem.MolFromSmiles("OCC(=O)NC1CC1")
+    rng = np.random.default_rng(0)
+    smiles = [
+        Chem.MolToSmiles(
+            Chem.RenumberAtoms(base, [int(i) for i in rng.permutation(base.GetNumAtoms())]),
+            canonical=False,
+        )
+        for _ in range(5)
+    ]
+    n_max, z, mask = 9, [], []
+    for s in smiles:
+        g = featurize(s)
+        degree = (g.bonds > 0).sum(1)
+        rows = np.stack([g.atomic_numbers, g.hydrogens, degree], 1).astype(np.float32)
+        z.append(np.pad(rows, ((0, n_max - len(rows)), (0, 0))))
+        mask.append(np.arange(n_max) < len(rows))
+    zc, mc = _canonical_rows(np.stack(z), np.stack(mask), smiles)
+    assert (zc == zc[0]).all() and (mc == mc[0]).all()
+    for k in range(len(smiles)):
+        assert sorted(map(tuple, zc[k][mc[k]])) == sorted(map(tuple, z[k][mask[k]]))
+    assert not all((z[k] == z[0]).all() for k in range(len(z)))  # the inputs did differ

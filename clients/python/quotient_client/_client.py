@@ -223,15 +223,16 @@ class Client:
 
     def embed_molecules(
         self,
-        smiles: str | Iterable[str],
+        molecules: Any,
         *,
         model: str | None = None,
         projection: str | None = None,
         batch_size: int = 256,
     ) -> np.ndarray:
-        """Embed one SMILES string or an iterable of them → float32 array [n, dimension].
-        ``model`` defaults to the server's only molecule model."""
-        return self._embed("molecule", molecule_inputs(smiles), model, projection, batch_size)[0]
+        """Embed one molecule or an iterable of them → float32 array [n, dimension]. A molecule
+        is a SMILES str, MolBlock or single-record SDF text (a str with line breaks), or an
+        RDKit ``Mol``. ``model`` defaults to the server's only molecule model."""
+        return self._embed("molecule", molecule_inputs(molecules), model, projection, batch_size)[0]
 
     def decode(
         self,

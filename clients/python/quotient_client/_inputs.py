@@ -120,12 +120,34 @@ def image_inputs(images: Any) -> Iterator[pb.Input]:
         yield pb.Input(image=pb.Image(data=encode_image(item, index)))
 
 
-def molecule_inputs(smiles: Any) -> Iterator[pb.Input]:
-    """The caller's SMILES strings (one or an iterable) as ``Input`` messages."""
-    for index, item in enumerate(iter_items(smiles, (str,))):
-        if not isinstance(item, str):
-            raise TypeError(f"input {index}: a SMILES must be a str, got {type(item).__name__}")
-        yield pb.Input(molecule=pb.Molecule(smiles=item))
+def _is_rdkit_mol(item: Any) -> bool:
+    cls = type(item)
+    return cls.__name__ in ("Mol", "RWMol") and cls.__module__.startswith("rdkit")
+
+
+def molecule_input(item: Any, index: int) -> pb.Input:
+    """One molecule as an ``Input``: a SMILES str; MolBlock or SDF text (a str with line breaks,
+    e.g. a .mol/.sdf file's contents); or an RDKit ``Mol`` (sent as a MolBlock, atom order
+    kept; needs RDKit on the client)."""
+    if _is_rdkit_mol(item):
+        from rdkit import Chem
+
+        return pb.Input(molecule=pb.Molecule(molblock=Chem.MolToMolBlock(item)))
+    if not isinstance(item, str):
+        raise TypeError(
+            f"input {index}: a molecule must be a SMILES or MolBlock str or an RDKit Mol, got "
+            f"{type(item).__name__}"
+        )
+    if "\n" in item.strip():
+        return pb.Input(molecule=pb.Molecule(molblock=item))
+    return pb.Input(molecule=pb.Molecule(smiles=item))
+
+
+def molecule_inputs(molecules: Any) -> Iterator[pb.Input]:
+    """The caller's molecules (one or an iterable; see ``molecule_input``) as ``Input``s."""
+    items = [molecules] if _is_rdkit_mol(molecules) else iter_items(molecules, (str,))
+    for index, item in enumerate(items):
+        yield molecule_input(item, index)
 
 
 def chunk_inputs(

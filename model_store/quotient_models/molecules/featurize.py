@@ -42,7 +42,9 @@ __all__ = [
     "decode_graph",
     "featurize",
     "mol_to_graph",
+    "parse_molblock",
     "parse_smiles",
+    "parse_text",
 ]
 
 BOND_NAMES = ("none", "single", "double", "triple", "aromatic")
@@ -145,12 +147,59 @@ def parse_smiles(smiles: str) -> Any:
     mol = chem.MolFromSmiles(text, sanitize=False)
     if mol is None:
         raise InputError(f"unparsable SMILES {_clip(text)!r}")
+    return _sanitized(mol)
+
+
+def _sanitized(mol: Any) -> Any:
+    chem = _chem()
     try:
         chem.SanitizeMol(mol)
     except Exception as exc:  # RDKit raises several types (valence, kekulisation, ...)
         raise InputError(f"not a valid molecule: {_first_line(exc)}") from None
     chem.RemoveStereochemistry(mol)
     return mol
+
+
+_MOLBLOCK_END = "M  END"
+
+
+def parse_molblock(text: str) -> Any:
+    """MDL MolBlock (V2000 or V3000) or one SDF record → sanitised RDKit molecule (stereo and
+    coordinates ignored, explicit hydrogens folded into counts later), or InputError with the
+    reason. An SDF record's data items after ``M  END`` are ignored; several records are refused
+    (one molecule per input)."""
+    chem = _chem()
+    if not text.strip():
+        raise InputError("empty MolBlock")
+    records: list[list[str]] = [[]]
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if line.strip() == "$$$$":
+            records.append([])
+        else:
+            records[-1].append(line)
+    records = [r for r in records if "".join(r).strip()]
+    if len(records) > 1:
+        raise InputError(f"SDF text holds {len(records)} records; send one molecule per input")
+    lines = records[0]
+    ends = [k for k, line in enumerate(lines) if line.rstrip() == _MOLBLOCK_END]
+    if not ends:
+        raise InputError(f"not a MolBlock: no {_MOLBLOCK_END!r} line")
+    if len(ends) > 1:
+        raise InputError(
+            f"text holds {len(ends)} MolBlocks ({_MOLBLOCK_END!r} lines); "
+            "send one molecule per input"
+        )
+    block = "\n".join(lines[: ends[0] + 1]) + "\n"
+    mol = chem.MolFromMolBlock(block, sanitize=False, removeHs=False)
+    if mol is None:
+        raise InputError("RDKit cannot read the MolBlock (malformed counts, atom or bond lines)")
+    return _sanitized(mol)
+
+
+def parse_text(text: str) -> Any:
+    """The molecule model's text input → RDKit molecule: a MolBlock/SDF record when the text has
+    a line break (a SMILES never does), otherwise a SMILES."""
+    return parse_molblock(text) if "\n" in text.strip() else parse_smiles(text)
 
 
 def _clip(text: str, limit: int = 80) -> str:
@@ -202,7 +251,7 @@ def mol_to_graph(mol: Any, domain: MoleculeDomain | None = None) -> MolGraph:
     chem = _chem()
     n_frags = len(chem.GetMolFrags(mol))
     if n_frags > 1:
-        raise InputError(f"SMILES has {n_frags} fragments; one connected molecule is expected")
+        raise InputError(f"molecule has {n_frags} fragments; one connected molecule is expected")
     mol = chem.RemoveHs(mol)
     n = mol.GetNumAtoms()
     if all(a.GetAtomicNum() == 1 for a in mol.GetAtoms()):  # also H2, which RemoveHs keeps
@@ -232,9 +281,10 @@ def mol_to_graph(mol: Any, domain: MoleculeDomain | None = None) -> MolGraph:
     )
 
 
-def featurize(smiles: str, domain: MoleculeDomain | None = None) -> MolGraph:
-    """One client SMILES → graph, or InputError with the reason."""
-    return mol_to_graph(parse_smiles(smiles), domain)
+def featurize(text: str, domain: MoleculeDomain | None = None) -> MolGraph:
+    """One client molecule (SMILES, or MolBlock / one SDF record) → graph, or InputError with
+    the reason."""
+    return mol_to_graph(parse_text(text), domain)
 
 
 def canonical_smiles(smiles: str) -> str:

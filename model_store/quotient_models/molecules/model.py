@@ -5,7 +5,8 @@ RDKit; no PyG. Follows the ``EmbeddingModel`` contract of ``quotient_models.runt
 
 1. ``load_molecule_model(model_dir, engine, device)`` reads model.json (its ``domain``), the
    encoder, the decoder and projection.json;
-2. ``prepare(bytes, limits)``: one UTF-8 SMILES → item int64 [n, 4 + n] (atom indices | bonds),
+2. ``prepare(bytes, limits)``: one UTF-8 SMILES (or MolBlock / SDF record: text with line
+   breaks) → item int64 [n, 4 + n] (atom indices | bonds),
    raising ``InputError`` with the reason;
 3. ``collate(items)`` → ``atoms`` [B, N, 4], ``bonds`` [B, N, N];
 4. ``embed_batch(arrays, projection)`` → ``ProjectionOutput``;
@@ -50,8 +51,9 @@ class MoleculeModel(EmbeddingModel):
     def projections(self) -> list[ProjectionInfo]:
         return self.head.describe()
 
-    def graph(self, smiles: str) -> MolGraph:
-        return featurize(smiles, self.domain)
+    def graph(self, text: str) -> MolGraph:
+        """SMILES, or a MolBlock / one SDF record (text with line breaks) → graph."""
+        return featurize(text, self.domain)
 
     def item(self, graph: MolGraph) -> np.ndarray:
         return np.concatenate(
@@ -61,13 +63,13 @@ class MoleculeModel(EmbeddingModel):
     def prepare(self, data: bytes, limits: InputLimits) -> np.ndarray:
         if len(data) > limits.max_input_bytes:
             raise InputError(
-                f"SMILES of {len(data)} bytes exceeds the limit of {limits.max_input_bytes}"
+                f"molecule text of {len(data)} bytes exceeds the limit of {limits.max_input_bytes}"
             )
         try:
-            smiles = data.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise InputError("SMILES is not valid UTF-8") from None
-        return self.item(self.graph(smiles))
+            raise InputError("molecule text is not valid UTF-8") from None
+        return self.item(self.graph(text))
 
     def item_cost(self, item: np.ndarray) -> int:
         return int(item.shape[0])  # atoms

@@ -1,0 +1,44 @@
+"""The client's sdist carries the .proto files, so a wheel builds from it outside the repository
+(the wheel's stubs are generated at build time, never committed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_wheel_builds_from_the_sdist_alone(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(dist)],
+        cwd=REPO / "clients" / "python",
+        check=True,
+        capture_output=True,
+    )
+    (sdist,) = dist.glob("quotient_client-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "src", filter="data")
+    assert any(n.endswith("protos/quotient/v1/embedding_service.proto") for n in names)
+    (tree,) = (tmp_path / "src").iterdir()
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(wheels), str(tree)],
+        cwd=tmp_path,  # away from the repository, whose protos/ the build would otherwise find
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    (wheel,) = wheels.glob("quotient_client-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        built = set(z.namelist())
+    assert {
+        "quotient/v1/embedding_service_pb2.py",
+        "quotient/v1/embedding_service_pb2_grpc.py",
+        "quotient_client/_client.py",
+    } <= built
