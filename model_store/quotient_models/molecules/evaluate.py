@@ -476,8 +476,9 @@ def write_card(model_dir: Path) -> None:
         f"- Command: `{TRAIN_COMMAND}` (CPU, seed {args.get('seed', '?')}, "
         f"{args.get('threads', '?')} torch thread(s)): a fixed plan of "
         f"{tr.get('planned_epochs', tr.get('epochs', '?'))} epochs, so a rerun gives the same "
-        "weights (two runs of a shortened plan were compared bit for bit); only the wall clock "
-        "depends on the machine"
+        "weights (checked for v1.1.0: two runs of the full plan on this machine, one of them "
+        "sharing the CPU with an evaluation, gave bit-identical checkpoints and ONNX files); only "
+        "the wall clock depends on the machine's load"
         + (
             f". THIS RUN STOPPED EARLY at the {args.get('budget_min', '?')}-minute guard after "
             f"{tr.get('epochs', '?')} epochs and does not follow the plan."

@@ -258,7 +258,7 @@ def export(model: GraphVAE, domain: MoleculeDomain, out: Path, info: dict, data_
     name = out.name
     spec = {
         "name": name,
-        "version": "1.0.0",
+        "version": "1.1.0",  # 1.1: the fixed 6-epoch plan (1.0 fitted epochs to a budget)
         "description": "Permutation-invariant QM9 molecule embeddings: graph VAE, "
         f"{cfg.latent_dim} latent dimensions per heavy atom, sorted-row projection that decodes "
         "back to SMILES.",
