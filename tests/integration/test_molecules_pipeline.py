@@ -66,8 +66,9 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
     for reg in ("hgb", "krr"):
         row = metrics["regression"]["mae"][reg]["gap"]
         assert set(row) >= {
-            *("sorted", "sum", "mean", "raw", "raw_renumbered", "raw_canonical", "predict_mean")
+            *("sorted", "sum", "mean", "raw", "raw_renumbered", "predict_mean"),
+            *("raw_canonical", "raw_canonical_ranks"),
         }
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Limits" in card and "acceptance checks" in card and "raw (renumbered)" in card
-    assert "raw (canonical)" in card and "fixed plan of 1 epochs" in card
+    assert "raw (canonical)" in card and "raw (ranks)" in card and "fixed plan of 1 epochs" in card

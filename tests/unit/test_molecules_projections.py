@@ -154,8 +154,9 @@ def test_save_load(tmp_path, head: SortedProjectionHead) -> None:  # type: ignor
     assert SortedProjectionHead.load(tmp_path / "p.json") == head
 
 
-def test_canonical_rows_control_is_invariant_and_keeps_every_row() -> None:
-    """The regression control `raw_canonical` (evaluate._canonical_rows): rows of an
+@pytest.mark.parametrize("by", ["smiles", "ranks"])
+def test_canonical_rows_control_is_invariant_and_keeps_every_row(by: str) -> None:
+    """The regression controls `raw_canonical(_ranks)` (evaluate._canonical_rows): rows of an
     equivariant per-atom feature put into RDKit's canonical SMILES atom order come out the same
     for every numbering, and are a permutation of the input rows."""
     pytest.importorskip("rdkit")
@@ -180,7 +181,7 @@ def test_canonical_rows_control_is_invariant_and_keeps_every_row() -> None:
         rows = np.stack([g.atomic_numbers, g.hydrogens, degree], 1).astype(np.float32)
         z.append(np.pad(rows, ((0, n_max - len(rows)), (0, 0))))
         mask.append(np.arange(n_max) < len(rows))
-    zc, mc = _canonical_rows(np.stack(z), np.stack(mask), smiles)
+    zc, mc = _canonical_rows(np.stack(z), np.stack(mask), smiles, by)
     assert (zc == zc[0]).all() and (mc == mc[0]).all()
     for k in range(len(smiles)):
         assert sorted(map(tuple, zc[k][mc[k]])) == sorted(map(tuple, z[k][mask[k]]))
