@@ -18,6 +18,7 @@ import numpy as np
 
 from quotient_models import serving
 from quotient_models.errors import InputError
+from quotient_models.molecules.featurize import is_molblock_text
 from quotient_models.runtime import EmbeddingModel, InputLimits, check_decode_values
 from quotient_service.backends.base import Backend
 from quotient_service.batching import Batcher
@@ -40,8 +41,9 @@ def _data_field(kind: str | None, data: bytes) -> str:
     """The request field an item's data came from (for FieldViolation)."""
     if kind == "image":
         return "image.data"
-    if kind == "molecule":  # the servicer sends a MolBlock as multi-line text, a SMILES as one
-        return "molecule.molblock" if b"\n" in data.strip() else "molecule.smiles"
+    if kind == "molecule":  # the servicer admits each field's text only if the rule agrees
+        text = data.decode("utf-8", errors="replace")
+        return "molecule.molblock" if is_molblock_text(text) else "molecule.smiles"
     return str(kind)
 
 

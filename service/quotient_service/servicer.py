@@ -19,6 +19,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from quotient.v1 import embedding_service_pb2 as pb
 from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+from quotient_models.molecules.featurize import is_molblock_text
 from quotient_models.runtime import EmbeddingModel
 from quotient_service import errors
 from quotient_service.config import Settings
@@ -147,12 +148,13 @@ def _items(request: pb.EmbedRequest) -> list[Item]:
 
 
 def _molecule_text(molecule: pb.Molecule, index: int) -> bytes:
-    """The model contract takes bytes: a molecule travels as UTF-8 text, a MolBlock recognised
-    by its line breaks (which a SMILES never has, so one with them is refused here)."""
+    """The model contract takes bytes: a molecule travels as UTF-8 text, and the model tells a
+    MolBlock from a SMILES by ``is_molblock_text``; so each field's text must already be of its
+    field's kind by that rule, or it is refused here."""
     fmt = molecule.WhichOneof("format")
     field = f"inputs[{index}].molecule.{fmt or 'smiles'}"
     if fmt == "molblock":
-        if "\n" not in molecule.molblock.strip():
+        if not is_molblock_text(molecule.molblock):
             raise errors.InvalidArgument(
                 "a MolBlock has several lines (header, counts, atoms, bonds, M  END); "
                 "send a SMILES in molecule.smiles",
@@ -160,7 +162,7 @@ def _molecule_text(molecule: pb.Molecule, index: int) -> bytes:
                 field=field,
             )
         return molecule.molblock.encode("utf-8")
-    if "\n" in molecule.smiles.strip():
+    if is_molblock_text(molecule.smiles):
         raise errors.InvalidArgument(
             "SMILES has a line break; send MolBlock or SDF text in molecule.molblock",
             index=index,

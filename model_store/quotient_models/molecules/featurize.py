@@ -41,6 +41,7 @@ __all__ = [
     "collate_graphs",
     "decode_graph",
     "featurize",
+    "is_molblock_text",
     "mol_to_graph",
     "parse_molblock",
     "parse_smiles",
@@ -196,10 +197,16 @@ def parse_molblock(text: str) -> Any:
     return _sanitized(mol)
 
 
+def is_molblock_text(text: str) -> bool:
+    """The molecule input contract's one format rule: text with a line break (surrounding
+    whitespace aside) is a MolBlock / SDF record; a SMILES never has one."""
+    return "\n" in text.strip()
+
+
 def parse_text(text: str) -> Any:
-    """The molecule model's text input → RDKit molecule: a MolBlock/SDF record when the text has
-    a line break (a SMILES never does), otherwise a SMILES."""
-    return parse_molblock(text) if "\n" in text.strip() else parse_smiles(text)
+    """The molecule model's text input → RDKit molecule: a MolBlock/SDF record or a SMILES, as
+    ``is_molblock_text`` says."""
+    return parse_molblock(text) if is_molblock_text(text) else parse_smiles(text)
 
 
 def _clip(text: str, limit: int = 80) -> str:
