@@ -131,6 +131,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     command=str(m.get("command", "")),
                 )
                 for m in spec.metrics
+                # figures only: an evaluation's full result (nested, for the card) has no value
+                if isinstance(m.get("value"), int | float)
             ],
             model_card=spec.model_card(),
         )

@@ -60,8 +60,30 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
     evaluate.main(
         ["regression", "--data", str(tmp_path / "qm9"), "--model", str(out), "--krr-rows", "200"]
     )
+    qm9_args = ["--data", str(tmp_path / "qm9"), "--model", str(out), "--krr-rows", "200"]
+    evaluate.main(["spread", *qm9_args, "--seeds", "0,1"])
     metrics = {m["name"]: m for m in json.loads((out / "metrics.json").read_text())}
     assert metrics["invariance"]["max_relative_change_sorted"] <= 1e-5
+    spread = metrics["spread"]
+    assert spread["seeds"] == [0, 1] and set(spread["mae"]) == {"0", "1"}
+    for seed in ("0", "1"):
+        assert set(spread["mae"][seed]["krr"]["alpha"]) >= {"sorted", "raw", "raw_canonical_ranks"}
+    figures = {m["name"]: m for m in metrics.values() if "value" in m}
+    for name, value in (
+        (
+            "invariance.max_relative_change.sorted",
+            metrics["invariance"]["max_relative_change_sorted"],
+        ),
+        ("reconstruction.exact_rate.sorted", metrics["reconstruction"]["exact_rate_sorted"]),
+        ("regression.krr.alpha.raw", metrics["regression"]["mae"]["krr"]["alpha"]["raw"]),
+    ):
+        assert figures[name]["value"] == value and figures[name]["command"].startswith("python -m")
+    assert len(figures) > 40  # every projection, regressor, target and feature set
+    # seed 0 of the spread is the regression itself, feature set by feature set
+    assert (
+        spread["mae"]["0"]["hgb"]["gap"]["sorted"]
+        == metrics["regression"]["mae"]["hgb"]["gap"]["sorted"]
+    )
     assert metrics["reconstruction"]["agreement_sorted_raw"] == 1.0
     for reg in ("hgb", "krr"):
         row = metrics["regression"]["mae"][reg]["gap"]
@@ -72,3 +94,4 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Limits" in card and "acceptance checks" in card and "raw (renumbered)" in card
     assert "raw (canonical)" in card and "raw (ranks)" in card and "fixed plan of 1 epochs" in card
+    assert "Seed spread" in card and "Seeds in which the MAE is below raw (QM9 order)" in card

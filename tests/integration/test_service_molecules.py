@@ -6,6 +6,8 @@ Uses the tiny untrained molecule model: its figures mean nothing, its invariance
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -18,10 +20,16 @@ from quotient_client import Client, InvalidInputError
 
 @pytest.fixture(scope="module")
 def service(start_service, tmp_path_factory):
+    from quotient_models.molecules.evaluate import refresh_figures
     from quotient_models.molecules.testing import write_tiny_molecule_model
 
     root = tmp_path_factory.mktemp("molstore")
-    write_tiny_molecule_model(root / "tiny-mol")
+    model_dir = write_tiny_molecule_model(root / "tiny-mol")
+    # an evaluation's full result as the card reads it; GetModel must serve only its figures
+    result = {"name": "reconstruction", "molecules": 4, "agreement_sorted_raw": 1.0}
+    result |= {"exact_rate_sorted": 0.75, "exact_rate_raw": 0.5}
+    (model_dir / "metrics.json").write_text(json.dumps([result]))
+    refresh_figures(model_dir)
     return start_service(model_store=str(root))
 
 
@@ -77,6 +85,16 @@ def test_get_model_states_the_domain(service):
     assert set(info.input_limits.elements) == {"C", "N", "O", "F"}
     raw = next(p for p in info.projections if p.name == "raw")
     assert not raw.invariant and all(p.invariant for p in info.projections if p.name != "raw")
+
+
+def test_get_model_serves_the_card_figures_not_the_nested_results(service):
+    with Client(service.target) as client:
+        info = client.get_model("tiny-mol")
+    assert info.metrics == {
+        "reconstruction.exact_rate.sorted": 0.75,
+        "reconstruction.exact_rate.raw": 0.5,
+        "reconstruction.agreement_sorted_raw": 1.0,
+    }
 
 
 # --- MolBlock / SDF input through the public API -------------------------------------------

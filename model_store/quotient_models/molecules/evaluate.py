@@ -4,6 +4,7 @@
     python -m quotient_models.molecules.evaluate reconstruction --data data/qm9 --model DIR
     python -m quotient_models.molecules.evaluate regression     --data data/qm9 --model DIR
     python -m quotient_models.molecules.evaluate all            --data data/qm9 --model DIR
+    python -m quotient_models.molecules.evaluate spread         --data data/qm9 --model DIR
 
 - invariance: every test molecule is written as SMILES with ``--numberings`` random atom
   numberings (RDKit ``RenumberAtoms``, then non-canonical SMILES) and embedded through the serving
@@ -17,6 +18,8 @@
   projection, from the raw latent in QM9's SMILES order and in a random atom order, with two
   regressors (gradient boosting on all training embeddings; RBF kernel ridge on standardized
   features), each with the same settings for every feature set.
+- spread (not part of ``all``): the regression repeated with ``--seeds`` for ``sorted``, ``raw``
+  and the canonical-rank control, to set their differences against seed-to-seed variation.
 Results are merged into the model directory's metrics.json and MODEL_CARD.md.
 """
 
@@ -41,6 +44,9 @@ from quotient_models.molecules.train import dense_arrays
 __all__ = ["invariance", "main", "reconstruction", "regression"]
 
 PROJECTIONS = ("sorted", "sum", "mean", "raw")
+FEATURES = (*PROJECTIONS, "raw_renumbered", "raw_canonical", "raw_canonical_ranks")
+SPREAD_FEATURES = ("sorted", "raw", "raw_canonical_ranks")
+SPREAD_SEEDS = (0, 1, 2)
 TARGETS = ("gap", "alpha")
 
 
@@ -280,9 +286,11 @@ def regression(
     seed: int,
     krr_rows: int = 12000,
     regressors: tuple[str, ...] = ("hgb", "krr"),
+    features: Sequence[str] = FEATURES,
 ) -> dict[str, Any]:
     """Test MAE per target and feature set for each regressor (the same settings for every
-    feature set; nothing is tuned per projection).
+    feature set; nothing is tuned per projection). ``seed`` drives gradient boosting's
+    early-stopping split, kernel ridge's training subsets and the random renumbering.
 
     Feature sets: the projections (``raw`` = per-atom latents in the atom order of QM9's own
     SMILES, which is close to a canonical order), ``raw_renumbered`` = the same latents with
@@ -310,22 +318,22 @@ def regression(
     z_tr, m_tr = _embed_arrays(model, {"atoms": atoms[tr], "bonds": bonds[tr]})
     z_va, m_va = _embed_arrays(model, {"atoms": atoms[va], "bonds": bonds[va]})
     z_te, m_te = _embed_arrays(model, {"atoms": atoms[te], "bonds": bonds[te]})
+    unknown = set(features) - set(FEATURES)
+    if unknown:
+        raise ValueError(f"unknown feature sets {sorted(unknown)}; choose from {FEATURES}")
     rng = np.random.default_rng(seed)
-    feats = {
-        name: tuple(model.head.apply(name, z, m).values for z, m in splits)
-        for name in PROJECTIONS
-        for splits in [((z_tr, m_tr), (z_va, m_va), (z_te, m_te))]
-    }
-    feats["raw_renumbered"] = tuple(
-        model.head.apply("raw", *_renumber(z, m, rng)).values
-        for z, m in ((z_tr, m_tr), (z_va, m_va), (z_te, m_te))
-    )
     smiles = data.arrays["qm9_smiles"]
-    for name, by in (("raw_canonical", "smiles"), ("raw_canonical_ranks", "ranks")):
-        feats[name] = tuple(
-            model.head.apply("raw", *_canonical_rows(z, m, smiles[rows], by)).values
-            for z, m, rows in ((z_tr, m_tr, tr), (z_va, m_va, va), (z_te, m_te, te))
-        )
+    splits = ((z_tr, m_tr, tr), (z_va, m_va, va), (z_te, m_te, te))
+
+    def rows_of(name: str, z: np.ndarray, m: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        if name in PROJECTIONS:
+            return model.head.apply(name, z, m).values
+        if name == "raw_renumbered":
+            return model.head.apply("raw", *_renumber(z, m, rng)).values
+        by = "smiles" if name == "raw_canonical" else "ranks"
+        return model.head.apply("raw", *_canonical_rows(z, m, smiles[rows], by)).values
+
+    feats = {name: tuple(rows_of(name, *split) for split in splits) for name in features}
     units = {"gap": "eV", "alpha": "bohr^3"}
     y = np.stack([data.prop(t) for t in TARGETS], axis=1)
     for reg_name in regressors:
@@ -355,6 +363,61 @@ def regression(
                 flush=True,
             )
     return out
+
+
+def spread(
+    model: MoleculeModel,
+    data: QM9,
+    seeds: Sequence[int] = SPREAD_SEEDS,
+    krr_rows: int = 12000,
+    regressors: tuple[str, ...] = ("hgb", "krr"),
+    features: Sequence[str] = SPREAD_FEATURES,
+) -> dict[str, Any]:
+    """``regression`` repeated with several seeds for a few feature sets (default: ``sorted``,
+    ``raw`` in QM9's order and the canonical-rank control), to tell a difference between two
+    feature sets from the regressors' own seed-to-seed variation."""
+    runs = {
+        str(s): regression(model, data, None, s, krr_rows, regressors, features)["mae"]
+        for s in seeds
+    }
+    return {"seeds": list(seeds), "features": list(features), "mae": runs}
+
+
+def _spread_lines(m: dict[str, Any]) -> list[str]:
+    """The card's seed-spread table: per regressor/target and feature set, the test MAE of every
+    seed and their mean; then, per pair of feature sets, in how many seeds the first is lower."""
+    seeds = [str(s) for s in m["seeds"]]
+    feats = m["features"]
+    first = m["mae"][seeds[0]]
+    lines = [
+        "| regressor | target | "
+        + " | ".join(f"{LABELS.get(f, f)}: seeds {', '.join(seeds)} (mean)" for f in feats)
+        + " |",
+        "|---|---|" + "---|" * len(feats),
+    ]
+    wins = []
+    for reg, table in first.items():
+        for t in table:
+            cells = []
+            for f in feats:
+                vals = [m["mae"][s][reg][t][f] for s in seeds]
+                cells.append(", ".join(_f(v) for v in vals) + f" ({_f(float(np.mean(vals)))})")
+            lines.append(f"| {reg} | {t} | " + " | ".join(cells) + " |")
+            for f in feats:
+                if f != "raw" and "raw" in feats:
+                    k = sum(m["mae"][s][reg][t][f] < m["mae"][s][reg][t]["raw"] for s in seeds)
+                    wins.append(f"{reg} {t} {LABELS.get(f, f)} {k}/{len(seeds)}")
+    if not wins:
+        return lines
+    return [*lines, "", "Seeds in which the MAE is below raw (QM9 order): " + "; ".join(wins) + "."]
+
+
+LABELS = {
+    "raw": "raw (QM9 order)",
+    "raw_renumbered": "raw (renumbered)",
+    "raw_canonical": "raw (canonical)",
+    "raw_canonical_ranks": "raw (ranks)",
+}
 
 
 def compare(model_dir: Path, other: Path) -> dict[str, Any]:
@@ -387,11 +450,95 @@ def compare(model_dir: Path, other: Path) -> dict[str, Any]:
 
 
 def _write(model_dir: Path, key: str, result: dict[str, Any]) -> None:
+    """Store one evaluation's result under its name in metrics.json (what the card is written
+    from), then refresh the flat figures derived from it (what ``GetModel`` serves)."""
     path = model_dir / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else []
     metrics = [m for m in metrics if m.get("name") != key]
     metrics.append({"name": key, "measured_unix": int(time.time()), **result})
     path.write_text(json.dumps(metrics, indent=2) + "\n")
+    refresh_figures(model_dir)
+
+
+def figures(key: str, r: dict[str, Any], model_dir: Path) -> list[dict[str, Any]]:
+    """The headline numbers of one evaluation's result as flat entries ``{name, value,
+    description, command}``, the form every model's metrics.json offers to ``GetModel``."""
+    command = (
+        f"python -m quotient_models.molecules.evaluate {key} --data data/qm9 --model {model_dir}"
+    )
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, description: str) -> None:
+        out.append(
+            {
+                "name": f"{key}.{name}",
+                "value": float(value),
+                "description": description,
+                "command": command,
+            }
+        )
+
+    if key == "invariance":
+        for p in PROJECTIONS:
+            add(
+                f"max_relative_change.{p}",
+                r[f"max_relative_change_{p}"],
+                f"largest ||p(x)-p(x renumbered)||/||p(x)|| of projection '{p}' over "
+                f"{r['numberings']} random atom numberings of each of {r['molecules']} test "
+                "molecules",
+            )
+        for p, c in r["coincident_distinct_molecules"].items():
+            add(
+                f"coinciding.{p}",
+                c["coinciding"],
+                f"distinct test molecules whose '{p}' embedding coincides with another's "
+                f"(relative distance <= {r['coincide_rtol']:g})",
+            )
+    elif key == "reconstruction":
+        for p in ("sorted", "raw"):
+            add(
+                f"exact_rate.{p}",
+                r[f"exact_rate_{p}"],
+                f"fraction of {r['molecules']} test molecules decoded from '{p}' to their own "
+                "canonical SMILES",
+            )
+        add(
+            "agreement_sorted_raw",
+            r["agreement_sorted_raw"],
+            "fraction of test molecules decoded to the same result from 'sorted' and 'raw'",
+        )
+    elif key == "regression":
+        for reg, table in r["mae"].items():
+            for t, row in table.items():
+                for f, v in row.items():
+                    if f != "unit":
+                        add(
+                            f"{reg}.{t}.{f}",
+                            v,
+                            f"test MAE ({row['unit']}) for {t} from '{LABELS.get(f, f)}' by "
+                            f"{r['regressors'][reg]}; {r['train_molecules']} training molecules",
+                        )
+    elif key == "spread":
+        seeds = [str(s) for s in r["seeds"]]
+        for reg, table in r["mae"][seeds[0]].items():
+            for t, row in table.items():
+                for f in r["features"]:
+                    add(
+                        f"{reg}.{t}.{f}.mean",
+                        float(np.mean([r["mae"][s][reg][t][f] for s in seeds])),
+                        f"mean test MAE ({row['unit']}) for {t} from '{LABELS.get(f, f)}' by "
+                        f"{reg} over seeds {', '.join(seeds)}",
+                    )
+    return out
+
+
+def refresh_figures(model_dir: Path) -> None:
+    """Rewrite metrics.json's flat figures from the evaluation results it holds."""
+    path = model_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else []
+    results = [m for m in metrics if "value" not in m]
+    flat = [f for m in results for f in figures(m["name"], m, model_dir)]
+    path.write_text(json.dumps(results + flat, indent=2) + "\n")
 
 
 TRAIN_COMMAND = (
@@ -599,6 +746,19 @@ def write_card(model_dir: Path) -> None:
                     + " | ".join(_f(r[k]) if k in r else "-" for k in cols)
                     + " |"
                 )
+    if "spread" in metrics:
+        m = metrics["spread"]
+        lines += [
+            "",
+            "Seed spread: the regressions above repeated with seeds "
+            f"{', '.join(map(str, m['seeds']))} (gradient boosting's early-stopping split, kernel "
+            "ridge's training subsets) for a few feature sets, test MAE. `python -m "
+            "quotient_models.molecules.evaluate spread --data data/qm9 --model "
+            + str(model_dir)
+            + "` (not part of `all`).",
+            "",
+            *_spread_lines(m),
+        ]
     if "latent_width" in metrics:
         lines += [
             "",
@@ -697,7 +857,12 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "what", choices=("invariance", "reconstruction", "regression", "all", "latent_width")
+        "what",
+        choices=("invariance", "reconstruction", "regression", "all", "latent_width", "spread"),
+        help="spread is not part of all: it repeats the regression for --seeds",
+    )
+    p.add_argument(
+        "--seeds", default=",".join(map(str, SPREAD_SEEDS)), help="spread: comma-separated seeds"
     )
     p.add_argument(
         "--other", type=Path, default=None, help="latent_width: the other (e.g. d = 1) model dir"
@@ -738,6 +903,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.other is None:
             p.error("latent_width needs --other DIR")
         jobs = {"latent_width": lambda: compare(args.model, args.other)}
+    if args.what == "spread":
+        seeds = tuple(int(x) for x in args.seeds.split(","))
+        regs = tuple(args.regressors.split(","))
+        jobs = {"spread": lambda: spread(model, data, seeds, args.krr_rows, regs)}
     for name, job in jobs.items():
         if args.what not in (name, "all"):
             continue
