@@ -85,6 +85,9 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
         == metrics["regression"]["mae"]["hgb"]["gap"]["sorted"]
     )
     assert metrics["reconstruction"]["agreement_sorted_raw"] == 1.0
+    misses = metrics["reconstruction"]["misses_sorted"]  # one epoch on a slice: many misses
+    assert 0 < len(misses) <= evaluate.MISS_EXAMPLES
+    assert all(m["decoded"] != m["input"] and (m["decoded"] or m["reason"]) for m in misses)
     for reg in ("hgb", "krr"):
         row = metrics["regression"]["mae"][reg]["gap"]
         assert set(row) >= {
@@ -94,4 +97,5 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Limits" in card and "acceptance checks" in card and "raw (renumbered)" in card
     assert "raw (canonical)" in card and "raw (ranks)" in card and "fixed plan of 1 epochs" in card
+    assert misses[0]["input"] in card.split("## Limits")[1]
     assert "Seed spread" in card and "Seeds in which the MAE is below raw (QM9 order)" in card

@@ -138,12 +138,7 @@ def test_trained_model_gives_its_inputs_back(start_service, tmp_path_factory):
     model = load_model(QM9_VAE)
     local = model.decode(model.embed_smiles(SMILES).values)
     assert [(d.smiles, d.reason) for d in decoded] == [(d.smiles, d.reason) for d in local]
-    # The inputs come back as their canonical SMILES, except benzene: the committed weights
-    # decode it to a graph with an aromatic atom outside any ring (a reconstruction miss of the
-    # model, reported with its reason).
-    expected = {s: Chem.MolToSmiles(Chem.MolFromSmiles(s)) for s in SMILES}
-    for s, d in zip(SMILES, decoded, strict=True):
-        if s == "c1ccccc1" and d.smiles is None:
-            assert d.reason and "aromatic" in d.reason
-        else:
-            assert d.smiles == expected[s] and d.reason is None, (s, d)
+    # The inputs come back as their canonical SMILES (benzene included since qm9-vae 1.1.0; the
+    # card lists the smallest test molecules that do not).
+    expected = [(Chem.MolToSmiles(Chem.MolFromSmiles(s)), None) for s in SMILES]
+    assert [(d.smiles, d.reason) for d in decoded] == expected
