@@ -140,6 +140,10 @@ class EmbeddingModel(ABC):
         """Embeddings [B, D] of the default projection → one ``Decoded`` per row."""
         raise NotImplementedError(f"model {self.spec.name!r} has no decoder")
 
+    def decode_input_error(self, values: np.ndarray) -> str | None:
+        """Why one embedding [D] of the right length cannot be decoded, or None."""
+        return None
+
     def item_cost(self, item: np.ndarray) -> int:
         """Cost of one prepared item for the batcher's budget (pixels, atoms, ...)."""
         return int(item.size)
@@ -193,7 +197,8 @@ class ImageModel(EmbeddingModel):
 
 def check_decode_values(model: EmbeddingModel, rows: Sequence[np.ndarray]) -> np.ndarray:
     """Embeddings to decode → float32 [B, D]; raises ``InputError`` naming the first row whose
-    length is not the dimension of the model's default projection."""
+    length is not the dimension of the model's default projection, or whose values the model
+    could not have produced (``EmbeddingModel.decode_input_error``)."""
     default = model.resolve_projection(None)
     dimension = next(p.dimension for p in model.projections() if p.name == default)
     for i, row in enumerate(rows):
@@ -204,6 +209,9 @@ def check_decode_values(model: EmbeddingModel, rows: Sequence[np.ndarray]) -> np
                 f"projection {default!r}, which has {dimension}",
                 index=i,
             )
+        reason = model.decode_input_error(np.asarray(row))
+        if reason is not None:
+            raise InputError(f"not a {default!r} embedding of {model.spec.name!r}: {reason}", i)
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), dimension)
 
 

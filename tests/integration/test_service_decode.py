@@ -102,6 +102,26 @@ def test_wrong_length_names_the_embedding(service):
     assert f"{values.shape[1] + 1} values" in err.message and str(values.shape[1]) in err.message
 
 
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda r: r.__setitem__(0, float("nan")), "nan is neither a latent value"),
+        (lambda r: r.__setitem__(1, 1.2), "1.2 is neither a latent value"),
+        (lambda r: r.__setitem__(len(r) - 1, 0.0), "mixes padding (2) with latent values"),
+    ],
+)
+def test_values_no_embedding_has_are_refused_with_the_reason(service, change, words):
+    with Client(service.target) as client:
+        rows = [list(v) for v in client.embed_molecules(SMILES, model="tiny-mol")]
+        change(rows[1])
+        with pytest.raises(InvalidInputError) as info:
+            client.decode(rows, model="tiny-mol")
+    err = info.value
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.index == 1 and err.field == "embeddings[1].values"
+    assert words in err.message and "not a 'sorted' embedding of 'tiny-mol'" in err.message
+
+
 def test_wrong_length_index_counts_from_the_callers_first_item(service):
     with Client(service.target) as client:
         rows = [list(v) for v in client.embed_molecules(SMILES, model="tiny-mol")]

@@ -117,6 +117,34 @@ def test_sorted_is_a_lossless_cross_section(head: SortedProjectionHead) -> None:
     np.testing.assert_allclose(raw_back, z)
 
 
+def test_every_embedding_the_head_produces_is_accepted_for_decoding(head) -> None:  # type: ignore[no-untyped-def]
+    z, mask = batch(3)
+    for name in ("sorted", "raw"):
+        for row in head.apply(name, z, mask).values:
+            assert head.embedding_error(row) is None
+    assert head.embedding_error(np.full(N * D, 2.0)) is None  # no atoms: decodes to a reason
+
+
+@pytest.mark.parametrize(
+    ("position", "value", "words"),
+    [
+        (5, np.nan, "row 1 (values 4..7), column 1: nan is neither"),
+        (0, np.inf, "row 0 (values 0..3), column 0: inf is neither"),
+        (2, 1.4, "column 2: 1.4 is neither a latent value (|z| <= 1) nor padding (2)"),
+        (4 * D + 1, 2.0, "row 4 (values 16..19) mixes padding (2) with latent values"),
+        (8 * D, 0.5, "row 8 (values 32..35) mixes padding"),
+        (8 * D + 3, 7.0, "row 8 (values 32..35), column 3: 7 is neither"),
+    ],
+)
+def test_values_no_embedding_has_are_named(head, position, value, words) -> None:  # type: ignore[no-untyped-def]
+    z = np.full((1, N, D), 0.25, np.float32)
+    mask = np.arange(N)[None] < 6  # rows 6..8 are padding
+    row = head.apply("raw", z, mask).values[0].copy()
+    row[position] = value
+    reason = head.embedding_error(row)
+    assert reason is not None and words in reason, reason
+
+
 def test_padding_cannot_collide() -> None:
     with pytest.raises(ValueError):
         SortedProjectionHead(max_atoms=N, dim=D, latent_bound=1.0, pad_value=1.0)

@@ -159,6 +159,9 @@ class MoleculeModel(EmbeddingModel):
     def can_decode(self) -> bool:
         return True
 
+    def decode_input_error(self, values: np.ndarray) -> str | None:
+        return self.head.embedding_error(values)
+
     def decode(self, values: np.ndarray) -> list[DecodedMolecule]:
         """``sorted`` (or ``raw``) embeddings [B, N*d] → canonical SMILES or a reason, per item."""
         z, mask = self.head.unflatten(values)

@@ -177,3 +177,25 @@ class SortedProjectionHead:
         midpoint = (self.pad_value + self.latent_bound) / 2
         mask = ~(z > midpoint).all(axis=-1)
         return np.where(mask[..., None], z, 0).astype(np.float32), mask
+
+    def embedding_error(self, values: np.ndarray) -> str | None:
+        """Why one flattened ``sorted``/``raw`` embedding [N*d] is not one this head produces, or
+        None. Every row must be a latent row (each |value| <= latent_bound) or a padding row (each
+        value within (pad_value - latent_bound) / 2 of pad_value); a value that is neither, or not
+        finite, or a row that mixes the two, is named by its row and column."""
+        z = np.asarray(values, dtype=np.float64).reshape(self.max_atoms, self.dim)
+        latent = np.abs(z) <= self.latent_bound
+        padding = np.abs(z - self.pad_value) <= (self.pad_value - self.latent_bound) / 2
+        for r in range(self.max_atoms):
+            if latent[r].all() or padding[r].all():
+                continue
+            where = f"row {r} (values {r * self.dim}..{(r + 1) * self.dim - 1})"
+            odd = np.flatnonzero(~latent[r] & ~padding[r])
+            if len(odd):
+                c = int(odd[0])
+                return (
+                    f"{where}, column {c}: {z[r, c]:g} is neither a latent value (|z| <= "
+                    f"{self.latent_bound:g}) nor padding ({self.pad_value:g})"
+                )
+            return f"{where} mixes padding ({self.pad_value:g}) with latent values"
+        return None
