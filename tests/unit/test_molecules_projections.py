@@ -214,3 +214,37 @@ def test_canonical_rows_control_is_invariant_and_keeps_every_row(by: str) -> Non
     for k in range(len(smiles)):
         assert sorted(map(tuple, zc[k][mc[k]])) == sorted(map(tuple, z[k][mask[k]]))
     assert not all((z[k] == z[0]).all() for k in range(len(z)))  # the inputs did differ
+
+
+def test_sort_key_columns_order_rows_first_and_are_never_output() -> None:
+    head = SortedProjectionHead(max_atoms=3, dim=2, key=("element",))
+    # row 0 has the larger key but the smaller latent: the key decides
+    z = np.array([[[0.5, -0.9, -0.9], [-0.5, 0.9, 0.9], [0.0, 0.0, 0.0]]], np.float32)
+    mask = np.array([[True, True, False]])
+    np.testing.assert_allclose(
+        head.apply("sorted", z, mask).values, [[0.9, 0.9, -0.9, -0.9, 2.0, 2.0]], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        head.apply("raw", z, mask).values, [[-0.9, -0.9, 0.9, 0.9, 2.0, 2.0]], rtol=1e-6
+    )
+    np.testing.assert_allclose(head.apply("sum", z, mask).values, [[0.0, 0.0]])
+    assert [p.dimension for p in head.describe()] == [6, 2, 2, 6]
+    assert "(atom element, latent)" in head.describe()[0].description
+    with pytest.raises(ValueError):  # the key columns are part of what apply expects
+        head.apply("sorted", z[..., 1:], mask)
+
+
+def test_type_coordinates_follow_the_atoms() -> None:
+    from quotient_models.molecules.featurize import collate_graphs, featurize, type_coordinates
+    from quotient_models.molecules.testing import QM9_DOMAIN
+
+    graph = featurize("OC(=O)C1CN1")
+    perm = np.random.default_rng(0).permutation(graph.n_atoms)
+    a = collate_graphs([graph, graph.permuted(perm)], QM9_DOMAIN)
+    t = type_coordinates(a["atoms"], a["bonds"], QM9_DOMAIN)
+    n = graph.n_atoms
+    np.testing.assert_array_equal(t[1, :n], t[0, perm])
+    assert (np.abs(t[:, :n]) < 1).all() and (t[:, n:] == 0).all()
+    # OH, C(=O), =O, ring CH, ring CH2 and NH: six different (element, degree, hydrogens)
+    assert len({tuple(r) for r in t[0, :n]}) == n
+    np.testing.assert_allclose(t[0, 0], [0.25, -2 / 3, -0.4], rtol=1e-6)  # O, degree 1, 1 H

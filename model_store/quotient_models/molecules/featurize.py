@@ -34,6 +34,7 @@ from quotient_models.errors import InputError
 
 __all__ = [
     "BOND_NAMES",
+    "TYPE_KEY",
     "DecodedMolecule",
     "MolGraph",
     "MoleculeDomain",
@@ -46,6 +47,7 @@ __all__ = [
     "parse_molblock",
     "parse_smiles",
     "parse_text",
+    "type_coordinates",
 ]
 
 BOND_NAMES = ("none", "single", "double", "triple", "aromatic")
@@ -305,6 +307,28 @@ def encode_atoms(graph: MolGraph, domain: MoleculeDomain) -> np.ndarray:
     charges = [domain.charges.index(int(c)) for c in graph.charges]
     slots = np.minimum(graph.symmetry, domain.symmetry_slots - 1)
     return np.stack([elements, charges, graph.hydrogens, slots], axis=1).astype(np.int64)
+
+
+TYPE_KEY = ("element", "degree", "hydrogens")
+
+
+def type_coordinates(atoms: np.ndarray, bonds: np.ndarray, domain: MoleculeDomain) -> np.ndarray:
+    """Each atom's type as coordinates [B, N, 3] in (-1, 1), from the dense batch
+    (``collate_graphs``): element index, heavy-atom degree and hydrogen count, a value c of K
+    possible ones written (2c + 1) / K - 1 (K: the domain's elements, its max_atoms, its
+    max_hydrogens + 1); 0 in padding rows. Local to the atom, so renumbering permutes them with the
+    atoms. Served as the first coordinates of every latent row, they make the sorted projection
+    order atoms by type first (discrete, so float noise cannot reorder them) and by the learned
+    coordinates within a type."""
+    real = atoms[..., 0] >= 0
+    degree = (bonds > 0).sum(axis=-1)
+    codes = [
+        (atoms[..., 0], len(domain.elements)),
+        (degree, domain.max_atoms),
+        (atoms[..., 2], domain.max_hydrogens + 1),
+    ]
+    out = np.stack([(2.0 * c + 1.0) / k - 1.0 for c, k in codes], axis=-1)
+    return np.where(real[..., None], out, 0.0).astype(np.float32)
 
 
 def collate_graphs(graphs: Sequence[MolGraph], domain: MoleculeDomain) -> dict[str, np.ndarray]:

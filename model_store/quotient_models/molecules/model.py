@@ -30,6 +30,7 @@ from quotient_models.molecules.featurize import (
     decode_graph,
     encode_atoms,
     featurize,
+    type_coordinates,
 )
 from quotient_models.molecules.projections import SortedProjectionHead
 from quotient_models.projections import ProjectionInfo, ProjectionOutput
@@ -47,6 +48,9 @@ class MoleculeModel(EmbeddingModel):
     ) -> None:
         self.spec, self.encoder, self.decoder, self.head = spec, encoder, decoder, head
         self.domain = MoleculeDomain.from_json(spec.raw["domain"])
+        # sort-key coordinates put before every latent row (featurize.type_coordinates): the
+        # sorted projection orders rows by them first; no projection outputs them
+        self.n_type = len(head.key)
 
     def projections(self) -> list[ProjectionInfo]:
         return self.head.describe()
@@ -88,9 +92,12 @@ class MoleculeModel(EmbeddingModel):
         return collate_graphs(graphs, self.domain)
 
     def latent(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Per-atom latents [B, N, d] (input order) and the mask of real atoms [B, N]."""
+        """Per-atom rows [B, N, k + d] (input order) and the mask of real atoms [B, N]: the k
+        sort-key (atom type) coordinates, if the model has them, then the encoder's latent."""
         atoms, bonds = arrays["atoms"].astype(np.int64), arrays["bonds"].astype(np.int64)
         z = self.encoder(atoms, bonds)[0]
+        if self.n_type:
+            z = np.concatenate([type_coordinates(atoms, bonds, self.domain), z], axis=-1)
         return z, atoms[..., 0] >= 0
 
     def embed_batch(
@@ -116,8 +123,9 @@ class MoleculeModel(EmbeddingModel):
     ) -> list[DecodedMolecule]:
         """Latents [B, N, d] with masks → molecules (argmax of every head).
 
-        Decoding is canonical: the rows are first put in the sorted projection's order
-        (``tolerant_order``, idempotent on an already sorted input), and both the decoder and the
+        Decoding is canonical: the rows are first put in one canonical order, the
+        lexicographic order of the latent rows (``head.sort``, ``tolerant_order``; the sort-key
+        columns are not part of an embedding, so not of this order), and both the decoder and the
         graph construction run in that order. Mathematically the decoder is equivariant and the
         order would not matter, but in floating point permuted rows change the logits by ~1e-7
         (an argmax near-tie could flip), and RDKit's sanitisation/kekulisation of a decoded graph

@@ -82,6 +82,10 @@ class SortedProjectionHead:
     latent_bound: float = 1.0
     pad_value: float = 2.0
     tol: float = 1e-4
+    # Names of leading sort-key columns of the latents given to ``apply`` (e.g. the atom-type
+    # coordinates of featurize.type_coordinates): ``sorted`` orders rows by them first, and no
+    # projection outputs them. Every output is built from the last ``dim`` (learned) columns.
+    key: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.pad_value > self.latent_bound:
@@ -98,6 +102,7 @@ class SortedProjectionHead:
     def load(cls, path: str | Path) -> SortedProjectionHead:
         raw = json.loads(Path(path).read_text())
         raw.pop("kind", None)
+        raw["key"] = tuple(raw.get("key", ()))
         return cls(**raw)
 
     def names(self) -> list[str]:
@@ -114,9 +119,12 @@ class SortedProjectionHead:
                 "sorted",
                 n * d,
                 True,
-                "Per-atom latents in lexicographic row order (ties within "
-                f"{self.tol:g} per column): a lossless cross-section that decodes back to the "
-                f"molecule{'; isometric (d = 1)' if d == 1 else ''}. {layout}",
+                "Per-atom latents in lexicographic row order"
+                + (f" of (atom {', '.join(self.key)}, latent)" if self.key else "")
+                + f" (ties within {self.tol:g} per column): a lossless cross-section that "
+                "decodes back to the molecule"
+                + ("; isometric (d = 1)" if d == 1 and not self.key else "")
+                + f". {layout}",
             ),
             ProjectionInfo("sum", d, True, f"Sum of the {d}-dimensional atom latents (lossy)."),
             ProjectionInfo("mean", d, True, f"Mean of the {d}-dimensional atom latents (lossy)."),
@@ -129,32 +137,39 @@ class SortedProjectionHead:
             ),
         ]
 
-    def _check(self, z: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _check(
+        self, z: np.ndarray, mask: np.ndarray, width: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         z = np.asarray(z, dtype=np.float32)
         mask = np.asarray(mask, dtype=bool)
-        if z.ndim != 3 or z.shape[1:] != (self.max_atoms, self.dim) or mask.shape != z.shape[:2]:
+        width = z.shape[-1] if width is None else width
+        if z.ndim != 3 or z.shape[1:] != (self.max_atoms, width) or mask.shape != z.shape[:2]:
             raise ValueError(
-                f"expected z [B, {self.max_atoms}, {self.dim}] and mask [B, {self.max_atoms}], "
+                f"expected z [B, {self.max_atoms}, {width}] and mask [B, {self.max_atoms}], "
                 f"got {list(z.shape)} and {list(mask.shape)}"
             )
         return z, mask
 
     def padded(self, z: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """z with padding rows set to pad_value (input order)."""
+        """z (rows of any width) with padding rows set to pad_value (input order)."""
         z, mask = self._check(z, mask)
         return np.where(mask[..., None], z, np.float32(self.pad_value))
 
     def sort(self, z: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted padded latents [B, N, d] and the permutations used [B, N]."""
+        """Padded rows (of any width) in tolerance-grouped lexicographic order [B, N, w], and the
+        permutations used [B, N]."""
         zp = self.padded(z, mask)
         perms = np.stack([tolerant_order(row, self.tol) for row in zp])
         return np.take_along_axis(zp, perms[..., None], axis=1), perms
 
     def apply(self, name: str, z: np.ndarray, mask: np.ndarray) -> ProjectionOutput:
-        z, mask = self._check(z, mask)
+        """z [B, N, len(key) + dim] (key columns first), mask [B, N] → the projection."""
+        k = len(self.key)
+        z, mask = self._check(z, mask, k + self.dim)
         b = len(z)
         if name == "sorted":
-            return ProjectionOutput(self.sort(z, mask)[0].reshape(b, -1))
+            return ProjectionOutput(self.sort(z, mask)[0][..., k:].reshape(b, -1))
+        z = z[..., k:]
         if name in ("sum", "mean"):
             total = (z.astype(np.float64) * mask[..., None]).sum(axis=1)
             if name == "mean":

@@ -32,7 +32,7 @@ from quotient_models.molecules.arch_qm9_vae_v1 import (
     VAEConfig,
 )
 from quotient_models.molecules.data import QM9, load
-from quotient_models.molecules.featurize import MoleculeDomain
+from quotient_models.molecules.featurize import TYPE_KEY, MoleculeDomain
 from quotient_models.molecules.projections import SortedProjectionHead
 
 __all__ = ["dense_arrays", "export", "main", "to_pyg", "train"]
@@ -206,12 +206,21 @@ def train(args: argparse.Namespace) -> Path:
         "manifest_split_sha256": data.manifest["split_sha256"],
         "counts": data.manifest["counts"],
     }
-    return export(model, domain, Path(args.out), info, data_info)
+    return export(model, domain, Path(args.out), info, data_info, type_key=not args.no_type_key)
 
 
-def export(model: GraphVAE, domain: MoleculeDomain, out: Path, info: dict, data_info: dict) -> Path:
+def export(
+    model: GraphVAE,
+    domain: MoleculeDomain,
+    out: Path,
+    info: dict,
+    data_info: dict,
+    type_key: bool = True,
+) -> Path:
     """Write the model directory: weights, ONNX + TorchScript of the dense encoder and decoder,
-    projection.json, model.json, a model card stub and metrics.json."""
+    projection.json, model.json, a model card stub and metrics.json. With ``type_key`` every
+    served latent row starts with the atom's type coordinates (``featurize.type_coordinates``),
+    which the sorted projection then orders first; the networks are the same either way."""
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     cfg = model.cfg
@@ -253,15 +262,21 @@ def export(model: GraphVAE, domain: MoleculeDomain, out: Path, info: dict, data_
                 for k in ("latent", "mask", "element", "charge", "hydrogens", "bonds")
             },
         )
-    head = SortedProjectionHead(max_atoms=n, dim=cfg.latent_dim, latent_bound=cfg.latent_bound)
+    keys = list(TYPE_KEY) if type_key else []
+    dim = cfg.latent_dim
+    head = SortedProjectionHead(
+        max_atoms=n, dim=dim, latent_bound=cfg.latent_bound, key=tuple(keys)
+    )
     head.save(out / "projection.json")
     name = out.name
     spec = {
         "name": name,
-        "version": "1.1.0",  # 1.1: the fixed 6-epoch plan (1.0 fitted epochs to a budget)
+        # 1.1: the fixed 6-epoch plan (1.0 fitted epochs to a budget); 1.2: type coordinates
+        "version": "1.2.0",
         "description": "Permutation-invariant QM9 molecule embeddings: graph VAE, "
-        f"{cfg.latent_dim} latent dimensions per heavy atom, sorted-row projection that decodes "
-        "back to SMILES.",
+        f"{cfg.latent_dim} latent dimensions per heavy atom, sorted-row projection "
+        + ("(rows ordered by atom type, then latent) " if keys else "")
+        + "that decodes back to SMILES.",
         "modality": "molecule",
         "architecture": ARCHITECTURE,
         "group": {
@@ -271,7 +286,12 @@ def export(model: GraphVAE, domain: MoleculeDomain, out: Path, info: dict, data_
         },
         "domain": domain.to_json(),
         "input": {"format": "SMILES", "max_atoms": n},
-        "latent": {"dim": cfg.latent_dim, "bound": cfg.latent_bound, "config": cfg.to_json()},
+        "latent": {
+            "dim": dim,
+            "sort_key": keys,
+            "bound": cfg.latent_bound,
+            "config": cfg.to_json(),
+        },
         "projection_head": {"file": "projection.json"},
         "default_projection": "sorted",
         "encoder": {"onnx": "encoder.onnx", "torchscript": "encoder.pt"},
@@ -301,6 +321,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("model_store/models/qm9-vae"))
     p.add_argument(
         "--latent-dim", type=int, default=8, help="latent size per atom (1 = isometric sort)"
+    )
+    p.add_argument(
+        "--no-type-key",
+        action="store_true",
+        help="serve the learned latent alone (no leading atom-type coordinates to sort by)",
     )
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--enc-layers", type=int, default=4)
