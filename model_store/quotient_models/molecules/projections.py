@@ -7,7 +7,9 @@ rows. A batch travels padded to the model's maximum atom count N as ``z`` [B, N,
 - ``sorted`` (default): rows in lexicographic order (first column, ties broken by the next, ...),
   padded with ``pad_value`` rows, flattened → [B, N*d]. A cross-section of the permutation orbit:
   lossless, and the result is itself a (permuted) latent that the decoder can decode. Isometric
-  for d = 1.
+  for d = 1. With a sort ``key`` (e.g. each atom's type, ``featurize.type_coordinates``), the
+  rows given to ``apply`` start with those key columns: rows are ordered by them first, and no
+  projection outputs them (qm9-vae: atoms by element, degree, hydrogens, then by latent).
 - ``sum`` / ``mean``: pooling over the atoms → [B, d]: invariant, lossy baselines.
 - ``raw``: the rows in the input's atom order, padded, flattened: NOT invariant.
 
