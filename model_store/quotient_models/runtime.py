@@ -195,7 +195,9 @@ class ImageModel(EmbeddingModel):
         return self.embed(arrays["image"], projection)
 
 
-def check_decode_values(model: EmbeddingModel, rows: Sequence[np.ndarray]) -> np.ndarray:
+def check_decode_values(
+    model: EmbeddingModel, rows: Sequence[np.ndarray] | np.ndarray
+) -> np.ndarray:
     """Embeddings to decode → float32 [B, D]; raises ``InputError`` naming the first row whose
     length is not the dimension of the model's default projection, or whose values the model
     could not have produced (``EmbeddingModel.decode_input_error``)."""

@@ -35,11 +35,13 @@ def encode_batch(arrays: dict[str, np.ndarray], projection: str) -> bytes:
     return buf.getvalue()
 
 
-def _decode_batch(payload: bytes) -> tuple[dict[str, np.ndarray], str]:
+def _decode_batch(payload: bytes) -> tuple[dict[str, np.ndarray], str, str]:
+    """A model batch → its arrays, its projection ("" if none) and its operation."""
     with np.load(io.BytesIO(payload), allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files if k not in (_PROJECTION, _OP)}
         projection = str(f[_PROJECTION]) if _PROJECTION in f.files else ""
-    return arrays, projection
+        op = str(f[_OP]) if _OP in f.files else "embed"
+    return arrays, projection, op
 
 
 def _encode_output(out: ProjectionOutput) -> bytes:
@@ -67,12 +69,10 @@ def decode_molecules(payload: bytes) -> list[tuple[str, str]]:
         return [(str(s), str(r)) for s, r in zip(f["smiles"], f["reasons"], strict=True)]
 
 
-def _handle_decode(model: EmbeddingModel, payload: bytes) -> bytes:
+def _handle_decode(model: EmbeddingModel, values: np.ndarray) -> bytes:
     if not model.can_decode:
         raise NotImplementedError(f"model {model.spec.name!r} has no decoder")
-    with np.load(io.BytesIO(payload), allow_pickle=False) as f:
-        values = check_decode_values(model, f["values"])
-    decoded = model.decode(values)
+    decoded = model.decode(check_decode_values(model, values))
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -82,17 +82,11 @@ def _handle_decode(model: EmbeddingModel, payload: bytes) -> bytes:
     return buf.getvalue()
 
 
-def _op(payload: bytes) -> str:
-    with np.load(io.BytesIO(payload), allow_pickle=False) as f:
-        return str(f[_OP]) if _OP in f.files else "embed"
-
-
 def handle_payload(model: EmbeddingModel, payload: bytes) -> bytes:
     """One model batch in, its answer out (both as bytes): embeddings, or decoded molecules."""
-    op = _op(payload)
+    arrays, projection, op = _decode_batch(payload)
     if op == "decode":
-        return _handle_decode(model, payload)
+        return _handle_decode(model, arrays["values"])
     if op != "embed":
         raise ValueError(f"unknown operation {op!r} in the model batch")
-    arrays, projection = _decode_batch(payload)
     return _encode_output(model.embed_batch(arrays, projection or None))

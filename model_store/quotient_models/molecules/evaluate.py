@@ -317,10 +317,8 @@ def regression(
     ``raw_canonical`` / ``raw_canonical_ranks`` = the same latents in RDKit's canonical SMILES
     atom order / in ascending canonical atom rank (controls: invariant orderings by a graph
     canonicalisation, to tell whether ``raw``'s edge comes from the latent or from QM9's
-    near-canonical order)."""
-    from sklearn.ensemble import HistGradientBoostingRegressor
-
-    atoms, bonds = dense_arrays(data, model.domain)
+    near-canonical order); ``sorted_latent_only`` = the lexicographic order of the latent rows
+    without the model's sort key (the default before qm9-vae 1.2.0)."""
     tr, va, te = _rows(data, "train", train_limit, seed), data.rows("val"), data.rows("test")
     descriptions = {
         "hgb": "HistGradientBoostingRegressor(max_iter=300, early_stopping) on all features",
@@ -332,17 +330,26 @@ def regression(
         "train_molecules": len(tr),
         "test_molecules": len(te),
         "regressors": {r: descriptions[r] for r in regressors},
-        "mae": {r: {} for r in regressors},
     }
-    z_tr, m_tr = _embed_arrays(model, {"atoms": atoms[tr], "bonds": bonds[tr]})
-    z_va, m_va = _embed_arrays(model, {"atoms": atoms[va], "bonds": bonds[va]})
-    z_te, m_te = _embed_arrays(model, {"atoms": atoms[te], "bonds": bonds[te]})
+    feats = _regression_features(model, data, (tr, va, te), seed, features)
+    return out | _fit_regressors(data, feats, (tr, va, te), seed, krr_rows, regressors)
+
+
+Splits = tuple[np.ndarray, np.ndarray, np.ndarray]  # training, validation, test rows
+
+
+def _regression_features(
+    model: MoleculeModel, data: QM9, rows: Splits, seed: int, features: Sequence[str]
+) -> dict[str, tuple[np.ndarray, ...]]:
+    """Each feature set (``FEATURES``) for the training, validation and test rows; ``seed``
+    drives the random renumbering of ``raw_renumbered``."""
     unknown = set(features) - set(FEATURES)
     if unknown:
         raise ValueError(f"unknown feature sets {sorted(unknown)}; choose from {FEATURES}")
+    atoms, bonds = dense_arrays(data, model.domain)
     rng = np.random.default_rng(seed)
     smiles = data.arrays["qm9_smiles"]
-    splits = ((z_tr, m_tr, tr), (z_va, m_va, va), (z_te, m_te, te))
+    splits = [(*_embed_arrays(model, {"atoms": atoms[r], "bonds": bonds[r]}), r) for r in rows]
 
     def rows_of(name: str, z: np.ndarray, m: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if name in PROJECTIONS:
@@ -355,7 +362,24 @@ def regression(
         by = "smiles" if name == "raw_canonical" else "ranks"
         return model.head.apply("raw", *_canonical_rows(z, m, smiles[rows], by)).values
 
-    feats = {name: tuple(rows_of(name, *split) for split in splits) for name in features}
+    return {name: tuple(rows_of(name, *split) for split in splits) for name in features}
+
+
+def _fit_regressors(
+    data: QM9,
+    feats: dict[str, tuple[np.ndarray, ...]],
+    rows: Splits,
+    seed: int,
+    krr_rows: int,
+    regressors: tuple[str, ...],
+) -> dict[str, Any]:
+    """Test MAE of every regressor for every target and feature set (``mae``), and kernel
+    ridge's validation choice per feature set (``krr_choice``); ``seed`` drives gradient
+    boosting's early-stopping split and kernel ridge's training subsets."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    tr, va, te = rows
+    out: dict[str, Any] = {"mae": {r: {} for r in regressors}}
     units = {"gap": "eV", "alpha": "bohr^3"}
     y = np.stack([data.prop(t) for t in TARGETS], axis=1)
     for reg_name in regressors:
@@ -395,12 +419,15 @@ def spread(
     regressors: tuple[str, ...] = ("hgb", "krr"),
     features: Sequence[str] = SPREAD_FEATURES,
 ) -> dict[str, Any]:
-    """``regression`` repeated with several seeds for a few feature sets (default: ``sorted``,
-    ``raw`` in QM9's order and the canonical-rank control), to tell a difference between two
-    feature sets from the regressors' own seed-to-seed variation."""
+    """``regression``'s fits repeated with several seeds for a few feature sets (default:
+    ``sorted``, ``raw`` in QM9's order and the canonical-rank control), to tell a difference
+    between two feature sets from the regressors' own seed-to-seed variation. The features are
+    built once (with the first seed, which only ``raw_renumbered`` would use), on all training
+    molecules."""
+    rows = (data.rows("train"), data.rows("val"), data.rows("test"))
+    feats = _regression_features(model, data, rows, seeds[0], features)
     runs = {
-        str(s): regression(model, data, None, s, krr_rows, regressors, features)["mae"]
-        for s in seeds
+        str(s): _fit_regressors(data, feats, rows, s, krr_rows, regressors)["mae"] for s in seeds
     }
     return {"seeds": list(seeds), "features": list(features), "mae": runs}
 
@@ -480,8 +507,7 @@ def _write(model_dir: Path, key: str, result: dict[str, Any]) -> None:
     metrics = json.loads(path.read_text()) if path.exists() else []
     metrics = [m for m in metrics if m.get("name") != key]
     metrics.append({"name": key, "measured_unix": int(time.time()), **result})
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
-    refresh_figures(model_dir)
+    path.write_text(json.dumps(_with_figures(metrics, model_dir), indent=2) + "\n")
 
 
 def figures(key: str, r: dict[str, Any], model_dir: Path) -> list[dict[str, Any]]:
@@ -556,13 +582,18 @@ def figures(key: str, r: dict[str, Any], model_dir: Path) -> list[dict[str, Any]
     return out
 
 
+def _with_figures(metrics: list[dict[str, Any]], model_dir: Path) -> list[dict[str, Any]]:
+    """metrics.json's evaluation results followed by the flat figures derived from them (any
+    older flat figures dropped)."""
+    results = [m for m in metrics if "value" not in m]
+    return results + [f for m in results for f in figures(m["name"], m, model_dir)]
+
+
 def refresh_figures(model_dir: Path) -> None:
     """Rewrite metrics.json's flat figures from the evaluation results it holds."""
     path = model_dir / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else []
-    results = [m for m in metrics if "value" not in m]
-    flat = [f for m in results for f in figures(m["name"], m, model_dir)]
-    path.write_text(json.dumps(results + flat, indent=2) + "\n")
+    path.write_text(json.dumps(_with_figures(metrics, model_dir), indent=2) + "\n")
 
 
 TRAIN_COMMAND = (

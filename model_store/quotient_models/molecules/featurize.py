@@ -317,9 +317,9 @@ def type_coordinates(atoms: np.ndarray, bonds: np.ndarray, domain: MoleculeDomai
     (``collate_graphs``): element index, heavy-atom degree and hydrogen count, a value c of K
     possible ones written (2c + 1) / K - 1 (K: the domain's elements, its max_atoms, its
     max_hydrogens + 1); 0 in padding rows. Local to the atom, so renumbering permutes them with the
-    atoms. Served as the first coordinates of every latent row, they make the sorted projection
-    order atoms by type first (discrete, so float noise cannot reorder them) and by the learned
-    coordinates within a type."""
+    atoms. Put before every latent row as the sort key of the sorted projection, they make it order
+    atoms by type first (discrete, so float noise cannot reorder them) and by the learned
+    coordinates within a type; no projection outputs them."""
     real = atoms[..., 0] >= 0
     degree = (bonds > 0).sum(axis=-1)
     codes = [

@@ -218,9 +218,9 @@ def export(
     type_key: bool = True,
 ) -> Path:
     """Write the model directory: weights, ONNX + TorchScript of the dense encoder and decoder,
-    projection.json, model.json, a model card stub and metrics.json. With ``type_key`` every
-    served latent row starts with the atom's type coordinates (``featurize.type_coordinates``),
-    which the sorted projection then orders first; the networks are the same either way."""
+    projection.json, model.json, a model card stub and metrics.json. With ``type_key`` the
+    sorted projection orders rows by the atom-type sort key (``featurize.type_coordinates``)
+    before the latent; the networks and every output's values are the same either way."""
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     cfg = model.cfg
@@ -262,10 +262,9 @@ def export(
                 for k in ("latent", "mask", "element", "charge", "hydrogens", "bonds")
             },
         )
-    keys = list(TYPE_KEY) if type_key else []
-    dim = cfg.latent_dim
+    keys = TYPE_KEY if type_key else ()
     head = SortedProjectionHead(
-        max_atoms=n, dim=dim, latent_bound=cfg.latent_bound, key=tuple(keys)
+        max_atoms=n, dim=cfg.latent_dim, latent_bound=cfg.latent_bound, key=keys
     )
     head.save(out / "projection.json")
     name = out.name
@@ -287,8 +286,8 @@ def export(
         "domain": domain.to_json(),
         "input": {"format": "SMILES", "max_atoms": n},
         "latent": {
-            "dim": dim,
-            "sort_key": keys,
+            "dim": cfg.latent_dim,
+            "sort_key": list(keys),
             "bound": cfg.latent_bound,
             "config": cfg.to_json(),
         },
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--no-type-key",
         action="store_true",
-        help="serve the learned latent alone (no leading atom-type coordinates to sort by)",
+        help="sort rows by the latent alone, without the atom-type key (the order before 1.2.0)",
     )
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--enc-layers", type=int, default=4)
