@@ -211,3 +211,51 @@ def torchserve_service_at(
 ) -> Callable[[Path], contextlib.AbstractContextManager[str]]:
     """``with torchserve_service_at(store) as target:`` a TorchServe-backed server of ``store``."""
     return lambda store: torchserve_service(loop_thread, store, tmp_path_factory)
+
+
+# ---------------------------------------------------------------- certificates for TLS tests
+
+
+class Pki:
+    """A test CA with a server certificate (localhost, 127.0.0.1) and a client certificate, and
+    a second, unrelated CA with a client certificate of its own (a client the server must not
+    trust). All made by ``openssl`` for the test session; paths are PEM files."""
+
+    def __init__(self, root: Path) -> None:
+        import subprocess
+
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
+
+        ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+        for ca in ("ca", "rogue-ca"):
+            run("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2",
+                "-subj", f"/CN=Quotient test {ca}",
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+        leaves = {
+            "server": ("ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                       "extendedKeyUsage=serverAuth\n"),
+            "client": ("ca", "extendedKeyUsage=clientAuth\n"),
+            "rogue-client": ("rogue-ca", "extendedKeyUsage=clientAuth\n"),
+        }  # fmt: skip
+        for name, (ca, ext) in leaves.items():
+            (root / f"{name}.ext").write_text("basicConstraints=CA:FALSE\n" + ext)
+            run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+            run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+                "-extfile", f"{name}.ext")  # fmt: skip
+        self.root = root
+
+    def __getattr__(self, name: str) -> str:
+        """``pki.server_pem``, ``pki.client_key``, ``pki.ca_pem``, ``pki.rogue_client_pem``, ..."""
+        stem, _, ext = name.rpartition("_")
+        path = self.root / f"{stem.replace('_', '-')}.{ext}"
+        if not path.exists():
+            raise AttributeError(name)
+        return str(path)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))

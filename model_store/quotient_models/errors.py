@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InputError"]
+__all__ = ["DeviceUnavailable", "InputError"]
 
 
 class InputError(ValueError):
@@ -18,3 +18,7 @@ class InputError(ValueError):
 
     def at(self, index: int) -> InputError:
         return InputError(self.reason, index)
+
+
+class DeviceUnavailable(RuntimeError):
+    """The device asked for (``cuda``) cannot be used here; the message says what is missing."""

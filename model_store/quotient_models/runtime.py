@@ -15,6 +15,7 @@ backend alike.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from quotient_models.errors import InputError
+from quotient_models.errors import DeviceUnavailable, InputError
 from quotient_models.images.preprocess import FORMATS, decode_image
 from quotient_models.projections import CyclicProjectionHead, ProjectionInfo, ProjectionOutput
 from quotient_models.spec import ModelSpec
@@ -64,16 +65,42 @@ class OnnxSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers: list = ["CPUExecutionProvider"]
-        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        cuda = device.startswith("cuda")
+        if cuda:
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise DeviceUnavailable(
+                    f"device {device!r}: this ONNX Runtime ({ort.__version__}, package "
+                    "onnxruntime) has no CUDA provider; install onnxruntime-gpu (the gpu extra, "
+                    "or the gpu image), or use --device cpu"
+                )
             device_id = int(device.split(":")[1]) if ":" in device else 0
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.names = [i.name for i in self.session.get_inputs()]
         self.providers = self.session.get_providers()
+        if cuda and "CUDAExecutionProvider" not in self.providers:
+            # onnxruntime-gpu falls back to the CPU silently when it cannot start CUDA
+            raise DeviceUnavailable(
+                f"device {device!r}: ONNX Runtime could not start its CUDA provider ({_no_gpu()}); "
+                "its own log line above says which library failed to load; use --device cpu or "
+                "--device auto"
+            )
 
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         feed = {n: np.ascontiguousarray(x) for n, x in zip(self.names, inputs, strict=True)}
         return self.session.run(None, feed)
+
+
+def gpu_visible() -> bool:
+    """Whether an NVIDIA device node is visible to this process (a container gets it only when
+    the runtime passes the GPU in)."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+def _no_gpu() -> str:
+    if not gpu_visible():
+        return "no NVIDIA device is visible: /dev/nvidiactl is absent"
+    return "an NVIDIA device is visible, so a driver, CUDA or cuDNN library is missing"
 
 
 class TorchSession:
@@ -86,9 +113,13 @@ class TorchSession:
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.device = torch.device(
-            device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
-        )
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise DeviceUnavailable(
+                f"device {device!r}: torch {torch.__version__} ({build}) sees no CUDA device "
+                f"({_no_gpu()}); use --device cpu or --device auto"
+            )
+        self.device = torch.device(device if device.startswith("cuda") else "cpu")
         self.module = torch.jit.load(str(path), map_location=self.device).eval()
         self.providers = [str(self.device)]
 

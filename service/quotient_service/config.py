@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,10 +36,32 @@ class Settings:
 
     # --- network
     host: str = _f("127.0.0.1", "address to bind; 0.0.0.0 exposes the service beyond this host")
-    port: int = _f(50051, "gRPC port; 0 picks a free one (tests)")
+    port: int = _f(
+        50051, "gRPC port; 0 picks a free one (tests). Never shared with another process"
+    )
     max_message_bytes: int = _f(
         64 << 20,
         "largest gRPC message in or out; larger allows bigger requests but more memory per call",
+    )
+    max_connection_age_s: float = _f(
+        0.0,
+        "close each client connection after this long (clients reconnect, so load spreads "
+        "over new pods); 0 = never. Shorter rebalances sooner, costs a reconnect",
+    )
+    # --- access control (docs/deploy.md)
+    api_key_file: str = _f(
+        "",
+        "file of accepted API keys, one per line ('#' comments), re-read when it changes; "
+        "empty = no key needed. Clients send 'authorization: Bearer <key>'",
+    )
+    tls_cert_file: str = _f(
+        "", "PEM certificate chain of the server; set with --tls-key-file to serve TLS only"
+    )
+    tls_key_file: str = _f("", "PEM private key of --tls-cert-file", secret=True)
+    tls_client_ca_file: str = _f(
+        "",
+        "PEM CA bundle: clients must present a certificate it signed (mutual TLS); "
+        "needs --tls-cert-file",
     )
     # --- models and backend
     backend: str = _f(
@@ -62,7 +85,8 @@ class Settings:
     )
     device: str = _f(
         "auto",
-        "inference device: auto uses CUDA when present; cpu is always available",
+        "inference device: auto uses CUDA when a GPU and a CUDA runtime are present, else the "
+        "CPU; cuda refuses to start without them; cpu is always available",
         ("auto", "cpu", "cuda"),
     )
     model_workers: int = _f(
@@ -118,8 +142,19 @@ class Settings:
     metrics_host: str = _f("127.0.0.1", "address of the Prometheus /metrics endpoint")
     metrics_port: int = _f(9464, "Prometheus /metrics port; 0 disables the endpoint")
     log_level: str = _f("INFO", "logging level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    drain_s: float = _f(
+        5.0,
+        "on SIGTERM, how long health says NOT_SERVING while calls are still accepted (load "
+        "balancers and Kubernetes endpoints notice); SIGINT skips it. Longer is safer, slower",
+    )
     shutdown_grace_s: float = _f(
-        10.0, "on SIGTERM, how long in-flight calls may finish before they are cancelled"
+        10.0,
+        "after the drain, how long in-flight calls may finish before they are cancelled",
+    )
+    health_check_interval_s: float = _f(
+        2.0,
+        "how often health re-checks the backend (a dead TorchServe turns NOT_SERVING); "
+        "shorter notices sooner, costs a ping each time",
     )
     # --- TorchServe backend (backends/torchserve.py); ignored by the embedded backend
     torchserve_grpc_port: int = _f(7070, "TorchServe gRPC inference port (loopback)")
@@ -142,6 +177,8 @@ class Settings:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value, choices = getattr(self, f.name), f.metadata["choices"]
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{_names(f.name)}: must be a finite number, got {value}")
             if choices and value not in choices:
                 raise ConfigError(f"{_names(f.name)}: {value!r} is not one of {', '.join(choices)}")
             if f.name.endswith("port") and not 0 <= value <= 65535:
@@ -150,6 +187,16 @@ class Settings:
             number = isinstance(value, int | float) and not f.name.endswith("port")
             if number and (value < 0 or (value == 0 and f.name not in _ZERO_ALLOWED)):
                 raise ConfigError(f"{_names(f.name)}: must be positive, got {value}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError(
+                f"{_names('tls_cert_file')} and {_names('tls_key_file')} go together: "
+                "set both to serve TLS, or neither"
+            )
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError(
+                f"{_names('tls_client_ca_file')}: mutual TLS needs the server's own certificate "
+                f"({_names('tls_cert_file')} and {_names('tls_key_file')})"
+            )
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict for the log, secrets replaced by ``***``."""
@@ -160,7 +207,13 @@ class Settings:
         return values
 
 
-_ZERO_ALLOWED = {"max_batch_cost", "max_batch_delay_ms", "shutdown_grace_s"}
+_ZERO_ALLOWED = {
+    "max_batch_cost",
+    "max_batch_delay_ms",
+    "shutdown_grace_s",
+    "drain_s",
+    "max_connection_age_s",
+}
 
 
 def _names(name: str) -> str:
@@ -183,12 +236,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(Settings):
         env = f"{ENV_PREFIX}{f.name.upper()}"
+        choices = f.metadata["choices"]
+        allowed = f"; one of: {', '.join(choices)}" if choices else ""
+        default = repr(f.default) if f.default == "" else f.default
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f.name,
             default=None,
             metavar=env,
-            help=f"{f.metadata['help']} (default: {f.default})",
+            help=f"{f.metadata['help']} (default: {default}{allowed})",
         )
     return parser
 

@@ -37,6 +37,8 @@ __all__ = [
     "NotFound",
     "QuotientError",
     "ResourceExhausted",
+    "StartupError",
+    "Unauthenticated",
     "Unavailable",
     "grpc_code",
     "settle",
@@ -106,6 +108,17 @@ class FailedPrecondition(QuotientError):
     reason = "FAILED_PRECONDITION"
 
 
+class Unauthenticated(QuotientError):
+    """No API key, a malformed one, or one that is not accepted (auth.py)."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured: the message says why and names the flag. Never
+    sent to a client; ``quotient-server`` prints it as one line and exits 1, no traceback."""
+
+
 # The table. Anything not in it (and not an InputError) is INTERNAL.
 STATUS_CODES: dict[type[QuotientError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -114,6 +127,7 @@ STATUS_CODES: dict[type[QuotientError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 

@@ -13,6 +13,8 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from quotient_service.errors import StartupError
+
 __all__ = ["Metrics"]
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,17 @@ class Metrics:
             "quotient_batch_failures", "Batches the backend failed.", ["model"], registry=r
         )
         self.queued = Gauge("quotient_queued_items", "Items waiting for a batch.", registry=r)
+        self.auth_failures = Counter(
+            "quotient_auth_failures",
+            "Calls refused for a missing, malformed or unknown API key, by method and reason.",
+            ["method", "reason"],
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "quotient_backend_up",
+            "1 while the backend can run batches (health SERVING).",
+            registry=r,
+        )
         # Model labels come from clients; only served names become labels (bounded cardinality).
         self.known_models: frozenset[str] = frozenset()
         self._http: WSGIServer | None = None
@@ -75,11 +88,22 @@ class Metrics:
         self.requests.labels(method, label, code.name).inc()
         self.latency.labels(method, label).observe(seconds)
 
+    def refused(self, method: str, reason: str) -> None:
+        self.auth_failures.labels(method, reason).inc()
+
     def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP endpoint in a daemon thread; returns its port (0 = disabled)."""
+        """Start the /metrics HTTP endpoint in a daemon thread; returns its port (0 = disabled).
+        A port that cannot be bound is a ``StartupError`` naming the port and the flag."""
         if port == 0:
             return 0
-        self._http, self._thread = start_http_server(port, host, registry=self.registry)
+        try:
+            self._http, self._thread = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise StartupError(
+                f"--metrics-port / QUOTIENT_METRICS_PORT: cannot serve metrics on {host}:{port}: "
+                f"{exc.strerror or exc} (another process holds it? pick another port, or 0 to "
+                "turn metrics off)"
+            ) from None
         log.info("metrics on http://%s:%d/metrics", host, self._http.server_port)
         return int(self._http.server_port)
 

@@ -1,9 +1,11 @@
 """The gRPC server: wiring, lifecycle and the ``quotient-server`` entry point.
 
-``create_server(settings)`` builds and binds everything (port 0 picks a free port) but loads
-nothing; ``App.start()`` starts serving health (NOT_SERVING), starts the backend (loads and warms
-up the models), then turns health SERVING. ``App.stop()`` turns health NOT_SERVING, stops accepting
-calls, lets in-flight ones finish for the grace period, then stops the batcher and the backend.
+``create_server(settings)`` builds and binds everything (port 0 picks a free port; a port another
+process holds is a ``StartupError``) but loads nothing; ``App.start()`` starts serving health
+(NOT_SERVING), starts the backend (loads and warms up the models), turns health SERVING and then
+keeps health in step with ``backend.ready()``. ``App.drain(s)`` turns health NOT_SERVING for good
+and keeps answering for ``s`` seconds; ``App.stop()`` stops accepting calls, lets in-flight ones
+finish for the grace period, then stops the batcher and the backend.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 
 from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+from quotient_models.errors import DeviceUnavailable
+from quotient_service.auth import ApiKeys, AuthInterceptor, server_credentials
 from quotient_service.backends import Backend, create_backend
 from quotient_service.batching import Batcher
 from quotient_service.config import ConfigError, Settings, load_settings
 from quotient_service.engine import Engine
-from quotient_service.errors import ErrorInterceptor
+from quotient_service.errors import ErrorInterceptor, StartupError
 from quotient_service.health import HEALTH_SERVICE_NAME, Health
 from quotient_service.metrics import Metrics
 from quotient_service.servicer import SERVICE_NAME, EmbeddingServicer
@@ -47,6 +51,7 @@ class App:
     health: Health
     metrics: Metrics
     metrics_port: int = 0  # the bound /metrics port once started; 0 when disabled
+    _monitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.health.set(False)
@@ -58,13 +63,47 @@ class App:
         self.metrics.known_models = frozenset(self.backend.models())
         self.engine.ready = True
         await self.health.set(True)
+        self.metrics.backend_up.set(1)
+        self._monitor = asyncio.create_task(self._watch_backend())
         log.info(
             "serving %d model(s): %s",
             len(self.backend.models()),
-            ", ".join(sorted(self.backend.models())) or "none",
+            ", ".join(sorted(self.backend.models())),
         )
 
+    async def _watch_backend(self) -> None:
+        """Health follows the backend: NOT_SERVING while it cannot run batches."""
+        up = True
+        while True:
+            await asyncio.sleep(self.settings.health_check_interval_s)
+            try:
+                now = await self.backend.ready()
+            except Exception:  # a check that fails says "not ready", it must not stop watching
+                log.exception("backend health check failed")
+                now = False
+            if now != up:
+                up = now
+                self.metrics.backend_up.set(int(up))
+                await self.health.set(up)
+                if up:
+                    log.info("backend %s is ready again: health SERVING", self.backend.name)
+                else:
+                    log.error("backend %s is not ready: health NOT_SERVING", self.backend.name)
+
+    async def drain(self, seconds: float) -> None:
+        """Health NOT_SERVING for good, while calls are still accepted for ``seconds``."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+        await self.health.shutdown()
+        if seconds > 0:
+            log.info("draining: health NOT_SERVING, still answering for %.1f s", seconds)
+            await asyncio.sleep(seconds)
+
     async def stop(self, grace: float | None = None) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
         await self.health.shutdown()
         await self.server.stop(grace)  # refuses new calls, lets running ones finish
         await self.batcher.stop()
@@ -73,17 +112,54 @@ class App:
         self.metrics.close()
 
 
+def _options(settings: Settings) -> list[tuple[str, int]]:
+    size = settings.max_message_bytes
+    options = [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.so_reuseport", 0),  # a second server on the port must fail, not share it
+    ]
+    if settings.max_connection_age_s > 0:
+        age_ms = int(settings.max_connection_age_s * 1000)
+        options += [
+            ("grpc.max_connection_age_ms", age_ms),
+            # calls in flight when the age is reached may finish
+            ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000)),
+        ]
+    return options
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    address = f"{settings.host}:{settings.port}"
+    try:
+        if settings.tls_cert_file:
+            creds = server_credentials(
+                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+            )
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise StartupError(
+            f"--port / QUOTIENT_PORT: cannot bind {address}: the port is in use by another "
+            "process (or the address is not this host's); pick another port"
+        )
+    return port
+
+
 async def create_server(settings: Settings) -> tuple[grpc.aio.Server, int, App]:
     """Build and bind the server (not started). Returns (server, bound port, app)."""
     metrics = Metrics()
     backend = create_backend(settings)
     batcher = Batcher(backend, settings, metrics)
     engine = Engine(backend, batcher, settings)
-    size = settings.max_message_bytes
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/", metrics.observe_call)],
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
-    )
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if settings.api_key_file:
+        interceptors.append(AuthInterceptor(ApiKeys(settings.api_key_file), metrics.refused))
+    interceptors.append(ErrorInterceptor(f"/{SERVICE_NAME}/", metrics.observe_call))
+    server = grpc.aio.server(interceptors=interceptors, options=_options(settings))
     pb_grpc.add_EmbeddingServiceServicer_to_server(
         EmbeddingServicer(engine, settings, metrics), server
     )
@@ -91,20 +167,34 @@ async def create_server(settings: Settings) -> tuple[grpc.aio.Server, int, App]:
     reflection.enable_server_reflection(
         [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
+    port = _bind(server, settings)
     return server, port, App(settings, server, backend, batcher, engine, health, metrics)
 
 
 async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then shut down gracefully. Returns the exit status."""
-    _, port, app = await create_server(settings)
+    """Run until SIGTERM or SIGINT, then shut down gracefully. Returns the exit status.
+
+    SIGTERM (an orchestrator) drains first: health NOT_SERVING for ``drain_s`` while calls are
+    still answered, so that load balancers stop routing here; SIGINT (Ctrl-C) skips the drain.
+    A configuration the server cannot start with is one ERROR line and exit status 1.
+    """
+    try:
+        _, port, app = await create_server(settings)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    received: list[signal.Signals] = []
     stopping = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stopping.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    log.info("listening on %s:%d (backend %s)", settings.host, port, settings.backend)
+        loop.add_signal_handler(sig, on_signal, sig)
+    scheme = "TLS" if settings.tls_cert_file else "plaintext"
+    log.info("listening on %s:%d (%s, backend %s)", settings.host, port, scheme, settings.backend)
     status = 0
     starting = asyncio.create_task(app.start())
     stop_wait = asyncio.create_task(stopping.wait())
@@ -113,7 +203,12 @@ async def serve(settings: Settings) -> int:
         if starting.done():
             starting.result()  # a failed start (bad model store, ...) raises here
             await stop_wait
+            if received and received[0] == signal.SIGTERM:
+                await app.drain(settings.drain_s)
         log.info("shutting down (grace %.1f s)", settings.shutdown_grace_s)
+    except (StartupError, DeviceUnavailable) as exc:
+        log.error("cannot start: %s", exc)
+        status = 1
     except Exception:
         log.exception("the server failed to start")
         status = 1
@@ -122,7 +217,7 @@ async def serve(settings: Settings) -> int:
         stop_wait.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await starting
-        await app.stop(settings.shutdown_grace_s)
+        await app.stop(settings.shutdown_grace_s if status == 0 else 0)
     log.info("stopped")
     return status
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -24,34 +24,55 @@ ENTRY_POINT = Path(sys.executable).parent / "quotient-server"
 STARTUP_TIMEOUT_S = 60.0
 
 
+class Launched:
+    """``quotient-server`` started as a subprocess in its own process group, its output in a
+    file (``output()``)."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        full_env = {**os.environ, "QUOTIENT_LOG_LEVEL": "DEBUG", "QUOTIENT_SHUTDOWN_GRACE_S": "2"}
+        self.proc = subprocess.Popen(
+            [str(ENTRY_POINT), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**full_env, **(env or {})},
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+
 @pytest.fixture
-def server(tiny_model_store, pick_port, tmp_path) -> Iterator[tuple[subprocess.Popen, int, int]]:
+def launch(tmp_path) -> Iterator[Callable[..., Launched]]:
+    """``launch(*args, env=None)``: start ``quotient-server``; every one is killed at the end."""
+    started: list[Launched] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Launched:
+        started.append(Launched(list(args), tmp_path / f"server{len(started)}.log", env))
+        return started[-1]
+
+    yield start
+    for launched in started:
+        launched.kill()
+        print(launched.output()[-4000:])  # shown when the test fails
+
+
+@pytest.fixture
+def server(tiny_model_store, pick_port, launch) -> tuple[subprocess.Popen, int, int]:
     port, metrics_port = pick_port(), pick_port()
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in finally
-    env = {**os.environ, "QUOTIENT_LOG_LEVEL": "DEBUG", "QUOTIENT_SHUTDOWN_GRACE_S": "2"}
-    proc = subprocess.Popen(
-        [
-            str(ENTRY_POINT),
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-            "--model-store",
-            str(tiny_model_store),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        yield proc, port, metrics_port
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        log.close()
-        print((tmp_path / "server.log").read_text()[-4000:])  # shown when the test fails
+    args = ["--port", str(port), "--metrics-port", str(metrics_port)]
+    launched = launch(*args, "--model-store", str(tiny_model_store))
+    return launched.proc, port, metrics_port
 
 
 def wait_serving(channel: grpc.Channel, proc: subprocess.Popen) -> None:
@@ -92,3 +113,126 @@ def test_bad_flag_exits_with_a_clear_message(tmp_path):
     )
     assert result.returncode == 2
     assert "--max-batch-items / QUOTIENT_MAX_BATCH_ITEMS" in result.stderr
+
+
+def exits_with_one_clear_line(launched: Launched, *expected: str) -> str:
+    """The server exits 1 by itself (within 60 s), its output names ``expected``, no traceback."""
+    assert launched.proc.wait(60) == 1
+    out = launched.output()
+    for text in expected:
+        assert text in out, out[-2000:]
+    assert "Traceback" not in out, out[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("store", ["typo", "empty"])
+def test_a_model_store_without_models_refuses_to_start(launch, pick_port, tmp_path, store):
+    path = tmp_path / store
+    if store == "empty":
+        path.mkdir()
+    launched = launch("--port", str(pick_port()), "--metrics-port", "0", "--model-store", str(path))
+    exits_with_one_clear_line(launched, "--model-store / QUOTIENT_MODEL_STORE", str(path))
+
+
+def test_a_second_server_on_the_same_port_fails_at_once(server, launch, tiny_model_store):
+    proc, port, _ = server
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        wait_serving(channel, proc)
+    second = launch(
+        "--port", str(port), "--metrics-port", "0", "--model-store", str(tiny_model_store)
+    )
+    exits_with_one_clear_line(second, "--port / QUOTIENT_PORT", f"127.0.0.1:{port}")
+    assert proc.poll() is None  # the first one is untouched
+
+
+def test_a_metrics_port_in_use_is_named(launch, pick_port, tiny_model_store):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        launched = launch("--port", str(pick_port()), "--metrics-port", str(taken),
+                          "--model-store", str(tiny_model_store))  # fmt: skip
+        exits_with_one_clear_line(launched, "--metrics-port / QUOTIENT_METRICS_PORT", str(taken))
+
+
+def test_cuda_where_it_cannot_be_used_is_refused(launch, pick_port, tiny_model_store):
+    from quotient_models.runtime import gpu_visible
+
+    if gpu_visible():
+        pytest.skip("an NVIDIA device is visible here: --device cuda may work")
+    launched = launch("--port", str(pick_port()), "--metrics-port", "0", "--device", "cuda",
+                      "--model-store", str(tiny_model_store))  # fmt: skip
+    out = exits_with_one_clear_line(launched, "device 'cuda'", "--device cpu")
+    assert "CUDA" in out
+
+
+def test_help_lists_the_allowed_values_of_every_choice():
+    import dataclasses
+
+    from quotient_service.config import Settings
+
+    result = subprocess.run([str(ENTRY_POINT), "--help"], capture_output=True, text=True)
+    text = " ".join(result.stdout.split())
+    for f in dataclasses.fields(Settings):
+        if f.metadata["choices"]:
+            assert f"one of: {', '.join(f.metadata['choices'])}" in text, f.name
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_float_setting_must_be_finite(value):
+    result = subprocess.run(
+        [str(ENTRY_POINT), f"--request-timeout-s={value}"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "--request-timeout-s / QUOTIENT_REQUEST_TIMEOUT_S: must be a finite number" in (
+        result.stderr
+    )
+
+
+def test_sigterm_drains_before_it_stops(launch, pick_port, tiny_model_store, png, digits):
+    """A poller every 20 ms sees SERVING, then NOT_SERVING for about the drain window (while
+    Embed is still answered), then a refused connection; the server exits 0."""
+    import threading
+
+    port, drain = pick_port(), 1.5
+    launched = launch("--port", str(port), "--metrics-port", "0", "--drain-s", str(drain),
+                      "--model-store", str(tiny_model_store))  # fmt: skip
+    seen: list[tuple[float, str]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while not done.is_set():
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                    state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                except grpc.RpcError as err:
+                    state = err.code().name
+                seen.append((time.monotonic(), state))
+                time.sleep(0.02)
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        wait_serving(channel, launched.proc)
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        time.sleep(0.3)
+        launched.proc.send_signal(signal.SIGTERM)
+        time.sleep(drain / 2)
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        request = pb.EmbedRequest(
+            model="tiny-c4", inputs=[pb.Input(image=pb.Image(data=png(digits(0))))]
+        )
+        assert len(stub.Embed(request, timeout=10).embeddings) == 1  # still answering
+        assert launched.proc.wait(30) == 0
+        time.sleep(0.3)
+        done.set()
+        poller.join(5)
+    states = [s for _, s in seen]
+    compact = [s for i, s in enumerate(states) if i == 0 or s != states[i - 1]]
+    assert compact[:2] == ["SERVING", "NOT_SERVING"], compact
+    assert compact[-1] == "UNAVAILABLE", compact
+    not_serving = [t for t, s in seen if s == "NOT_SERVING"]
+    assert not_serving[-1] - not_serving[0] >= drain * 0.8, "NOT_SERVING was not held for the drain"

@@ -44,6 +44,12 @@ ROWS = [
         None,
     ),
     (
+        errors.Unauthenticated("no key", reason="API_KEY_MISSING"),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "API_KEY_MISSING",
+        None,
+    ),
+    (
         InputError("empty image data", index=2),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_INPUT",

@@ -9,7 +9,13 @@ Needs grpcio, protobuf, numpy and Pillow; not torch. See clients/python/README.m
 
 from importlib.metadata import PackageNotFoundError, version
 
-from quotient_client._client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Client
+from quotient_client._client import (
+    API_KEY_ENV,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    Client,
+    tls_credentials,
+)
 from quotient_client._errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -37,6 +43,7 @@ except PackageNotFoundError:  # imported from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
+    "API_KEY_ENV",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TARGET",
     "Client",
@@ -57,4 +64,5 @@ __all__ = [
     "UnauthenticatedError",
     "encode_image",
     "error_from_status",
+    "tls_credentials",
 ]

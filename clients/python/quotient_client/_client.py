@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -23,21 +25,60 @@ from quotient_client._health import health_check
 from quotient_client._inputs import ImageLike, chunk_inputs, image_inputs, molecule_inputs
 from quotient_client._models import DecodedMolecule, ModelInfo
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_TARGET", "Client"]
+__all__ = [
+    "API_KEY_ENV",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_TARGET",
+    "Client",
+    "tls_credentials",
+]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+API_KEY_ENV = "QUOTIENT_API_KEY"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 _MESSAGE_SLACK = 64 << 10  # room for the request's other fields next to its inputs
 
 Metadata = Sequence[tuple[str, str]] | Mapping[str, str]
 
 
+def _read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {os.fspath(path)!r}: {exc.strerror}") from None
+
+
+def tls_credentials(
+    ca_file: str | os.PathLike[str] | None = None,
+    cert_file: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: ``ca_file`` to verify the server (None: the
+    system's bundle), ``cert_file`` with ``key_file`` for a client certificate (mutual TLS)."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("tls_cert_file and tls_key_file go together (mutual TLS needs both)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file, "tls_ca_file"),
+        private_key=_read(key_file, "tls_key_file"),
+        certificate_chain=_read(cert_file, "tls_cert_file"),
+    )
+
+
 class Client:
     """A connection to a Quotient server.
 
-    1. ``Client(target)`` opens a channel (lazily: nothing is sent until the first call); pass
-       ``credentials`` (``grpc.ssl_channel_credentials()``) for TLS and ``metadata`` (for example
-       ``{"authorization": "Bearer ..."}``) to send with every call.
+    1. ``Client(target)`` opens a channel (lazily: nothing is sent until the first call).
+       ``api_key`` (default: the environment variable ``QUOTIENT_API_KEY``) is sent with every
+       call as ``authorization: Bearer <key>``. TLS: ``tls=True`` verifies the server against
+       the system's CA bundle, ``tls_ca_file`` against that bundle instead, and ``tls_cert_file``
+       with ``tls_key_file`` present a client certificate (mutual TLS); any of them turns TLS on.
+       ``tls_server_name`` overrides the name checked in the server's certificate. ``credentials``
+       (``grpc.ChannelCredentials``) replaces all of them; ``metadata`` is sent with every call.
+       ``load_balancing="round_robin"`` spreads calls over every address the target resolves
+       to (a Kubernetes headless Service: ``dns:///quotient-headless.ns:50051``).
     2. ``embed_images`` / ``embed_molecules`` split the caller's items into requests of at most
        ``batch_size`` items (and of the model's ``max_inputs_per_request``, and under
        ``max_message_bytes``), send them in order and return one float32 row per item;
@@ -59,15 +100,34 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Metadata | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca_file: str | os.PathLike[str] | None = None,
+        tls_cert_file: str | os.PathLike[str] | None = None,
+        tls_key_file: str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
+        load_balancing: str | None = None,
     ) -> None:
         self.target, self.timeout, self.max_message_bytes = target, timeout, max_message_bytes
-        pairs = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())
+        pairs = list(metadata.items() if isinstance(metadata, Mapping) else (metadata or ()))
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        if api_key:
+            if any(k.lower() == "authorization" for k, _ in pairs):
+                raise ValueError("pass either api_key or an 'authorization' metadata entry")
+            pairs.append(("authorization", f"Bearer {api_key.strip()}"))
         self._metadata: tuple[tuple[str, str], ...] | None = tuple(pairs) or None
-        channel_options = [
+        channel_options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            *(options or ()),
         ]
+        if tls_server_name:
+            channel_options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if load_balancing:
+            config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+            channel_options.append(("grpc.service_config", json.dumps(config)))
+        channel_options += list(options or ())
+        if credentials is None and (tls or tls_ca_file or tls_cert_file or tls_key_file):
+            credentials = tls_credentials(tls_ca_file, tls_cert_file, tls_key_file)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:

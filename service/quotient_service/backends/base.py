@@ -5,9 +5,32 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from quotient_models.runtime import EmbeddingModel
-from quotient_service.config import Settings
+from quotient_models.spec import ModelSpec, discover_models
+from quotient_service.config import Settings, resolve_repo_path
+from quotient_service.errors import StartupError
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "served_specs"]
+
+
+def served_specs(settings: Settings) -> list[ModelSpec]:
+    """The models under ``--model-store``; none is a start-up error (a server with nothing to
+    serve must not report SERVING)."""
+    root = resolve_repo_path(settings.model_store)
+    if not root.is_dir():
+        raise StartupError(
+            f"--model-store / QUOTIENT_MODEL_STORE: {root} is not a directory "
+            f"(given {settings.model_store!r})"
+        )
+    try:
+        specs = discover_models(root)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"--model-store / QUOTIENT_MODEL_STORE: {root}: {exc}") from None
+    if not specs:
+        raise StartupError(
+            f"--model-store / QUOTIENT_MODEL_STORE: no models under {root} "
+            "(each model is a directory holding a model.json)"
+        )
+    return specs
 
 
 class Backend(ABC):

@@ -9,16 +9,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from quotient_models import serving
-from quotient_models.runtime import EmbeddingModel, InputLimits, load_model
-from quotient_models.spec import discover_models
-from quotient_service.backends.base import Backend
-from quotient_service.config import Settings, resolve_repo_path
+from quotient_models.runtime import EmbeddingModel, InputLimits, gpu_visible, load_model
+from quotient_service.backends.base import Backend, served_specs
+from quotient_service.config import Settings
 from quotient_service.errors import NotFound, Unavailable
 
 __all__ = ["EmbeddedBackend", "resolve_device"]
@@ -37,8 +35,8 @@ def resolve_device(device: str, engine: str) -> str:
     import onnxruntime as ort
 
     # onnxruntime-gpu lists its CUDA provider even on machines without a GPU; check for a device.
-    has_gpu = os.path.exists("/dev/nvidiactl") or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
-    return "cuda" if has_gpu and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    usable = gpu_visible() and "CUDAExecutionProvider" in ort.get_available_providers()
+    return "cuda" if usable else "cpu"
 
 
 def warmup_payload(model: EmbeddingModel) -> bytes:
@@ -68,10 +66,7 @@ class EmbeddedBackend(Backend):
         self._ready = False
 
     async def start(self) -> None:
-        root = resolve_repo_path(self.settings.model_store)
-        specs = discover_models(root)
-        if not specs:
-            log.warning("no models under %s", root)
+        specs = served_specs(self.settings)
         device = resolve_device(self.settings.device, self.settings.engine)
         loop = asyncio.get_running_loop()
         for spec in specs:

@@ -39,8 +39,8 @@ from typing import Any
 import grpc
 
 from quotient_models.runtime import EmbeddingModel, load_model
-from quotient_models.spec import ModelSpec, discover_models
-from quotient_service.backends.base import Backend
+from quotient_models.spec import ModelSpec
+from quotient_service.backends.base import Backend, served_specs
 from quotient_service.backends.embedded import warmup_payload
 from quotient_service.config import Settings, resolve_repo_path
 from quotient_service.errors import (
@@ -214,13 +214,11 @@ class TorchServeBackend(Backend):
     # ------------------------------------------------------------------ start-up steps
     def _discover(self) -> list[ModelSpec]:
         if self._specs is None:
-            self._specs = discover_models(resolve_repo_path(self.settings.model_store))
+            self._specs = served_specs(self.settings)
         return self._specs
 
     def _archives(self, specs: list[ModelSpec]) -> list[Path]:
         archive_dir = resolve_repo_path(self.settings.archive_dir)
-        if not specs:
-            raise TorchServeError(f"no models under {resolve_repo_path(self.settings.model_store)}")
         archives = [archive_dir / f"{s.name}.mar" for s in specs]
         missing = [str(a) for a in archives if not a.is_file()]
         if missing:
