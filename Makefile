@@ -15,41 +15,82 @@ PYTEST_ARGS ?=
 
 .PHONY: help serve test test-unit test-integration test-e2e data-images train-images eval-images \
         data-molecules train-molecules eval-molecules archives install install-train \
-        install-molecules install-test lint clean
+        install-molecules install-test install-torch install-torchserve install-gpu lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
 # ---------------------------------------------------------------- environments
+# Debian packages the tests use (command:package). Installed with apt-get when missing (as root;
+# otherwise the target says what to install).
+APT_NEEDS := protoc:protobuf-compiler openssl:openssl java:openjdk-17-jre-headless node:nodejs \
+	npm:npm podman:podman buildah:buildah runc:runc catatonit:catatonit slirp4netns:slirp4netns \
+	newuidmap:uidmap debootstrap:debootstrap
+BUF_VERSION := 1.75.0
+
+$(STAMPS)/apt:
+	@mkdir -p $(STAMPS)
+	@missing=""; for pair in $(APT_NEEDS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: sudo apt-get install$$missing"; exit 1; fi; \
+	  echo "apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
 $(STAMPS)/venv:
 	@mkdir -p $(STAMPS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24" setuptools wheel
 	@touch $@
 
-$(STAMPS)/serve: $(STAMPS)/venv requirements/serve.txt requirements/torchserve.txt $(CONSTRAINTS) pyproject.toml
-	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/serve.txt -r requirements/torchserve.txt
+# The embedded backend on the CPU: ONNX Runtime's CPU build, no torch, no Java.
+$(STAMPS)/serve: $(STAMPS)/venv requirements/serve.txt requirements/cpu.txt $(CONSTRAINTS) pyproject.toml
+	@if $(PIP) show -q onnxruntime-gpu >/dev/null 2>&1; then $(PIP) uninstall -q -y onnxruntime-gpu; fi
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/cpu.txt
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps -e .
+	@touch $@
+
+$(STAMPS)/torch: $(STAMPS)/serve requirements/torch.txt $(CONSTRAINTS)
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/torch.txt
+	@touch $@
+
+$(STAMPS)/torchserve: $(STAMPS)/torch requirements/torchserve.txt $(CONSTRAINTS)
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/torchserve.txt
 	@touch $@
 
 $(STAMPS)/client: $(STAMPS)/serve $(wildcard protos/quotient/v1/*.proto) $(shell find clients/python -path '*/build' -prune -o \( -name '*.py' -o -name '*.toml' \) -print 2>/dev/null)
 	$(PIP) install -q -c $(CONSTRAINTS) ./clients/python
 	@touch $@
 
-$(STAMPS)/train: $(STAMPS)/serve requirements/train.txt $(CONSTRAINTS)
+$(STAMPS)/train: $(STAMPS)/torch requirements/train.txt $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/train.txt
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps escnn
 	@touch $@
 
-$(STAMPS)/molecules: $(STAMPS)/serve requirements/molecules.txt $(CONSTRAINTS)
+$(STAMPS)/molecules: $(STAMPS)/torch requirements/molecules.txt $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/molecules.txt
 	@touch $@
 
-$(STAMPS)/test: $(STAMPS)/train $(STAMPS)/molecules $(STAMPS)/client requirements/test.txt
+# Tools outside Python: the Node.js example's pinned packages and buf (a binary shipped in an npm
+# package) for `buf lint`.
+$(STAMPS)/node: $(STAMPS)/apt examples/node/package.json examples/node/package-lock.json
+	npm ci --prefix examples/node --no-audit --no-fund --silent
+	npm install --prefix .tools --no-audit --no-fund --silent --no-save @bufbuild/buf@$(BUF_VERSION)
+	@touch $@
+
+$(STAMPS)/test: $(STAMPS)/apt $(STAMPS)/train $(STAMPS)/molecules $(STAMPS)/torchserve $(STAMPS)/client $(STAMPS)/node requirements/test.txt
 	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/test.txt
 	@touch $@
 
-install: $(STAMPS)/serve $(STAMPS)/client ## install the serving stack and the client into .venv
+install: $(STAMPS)/serve $(STAMPS)/client ## install the CPU serving stack (no torch, no Java) and the client into .venv
+install-torch: $(STAMPS)/torch ## add torch, for --engine torch
+install-torchserve: $(STAMPS)/torchserve ## add TorchServe 0.12, its archiver and torch (--backend torchserve; needs Java 11+)
+install-gpu: $(STAMPS)/serve ## swap ONNX Runtime for onnxruntime-gpu with CUDA/cuDNN wheels, and add torch (GPU machines)
+	$(PIP) uninstall -q -y onnxruntime
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/gpu.txt
+	@rm -f $(STAMPS)/serve  # the next CPU target puts the CPU build back
 install-train: $(STAMPS)/train ## add escnn and the training tools
 install-molecules: $(STAMPS)/molecules ## add RDKit, PyTorch Geometric and the QM9 package
 install-test: $(STAMPS)/test ## everything the test suite needs
@@ -81,12 +122,21 @@ eval-molecules: $(STAMPS)/molecules data/qm9/qm9.npz ## measure the QM9 model ca
 .SECONDEXPANSION:
 # An archive is rebuilt when any file of its model directory, the handler or the builder changes.
 model_store/archives/%.mar: $$(wildcard model_store/models/$$*/*) $(wildcard model_store/handlers/*.py) \
-		model_store/quotient_models/archive.py | $(STAMPS)/serve
+		model_store/quotient_models/archive.py | $(STAMPS)/torchserve
 	$(PY) -m quotient_models.archive --model-dir model_store/models/$* --export-path model_store/archives
 
 archives: $(ARCHIVES) ## build the TorchServe .mar archives from the committed weights
 
-serve: $(STAMPS)/serve $(STAMPS)/client $(ARCHIVES) ## run the service on 127.0.0.1:50051 (QUOTIENT_BACKEND=torchserve for TorchServe)
+# `make serve` installs what the chosen backend and engine need, and no more.
+SERVE_NEEDS := $(STAMPS)/serve $(STAMPS)/client
+ifeq ($(QUOTIENT_BACKEND),torchserve)
+SERVE_NEEDS += $(STAMPS)/torchserve $(ARCHIVES)
+endif
+ifeq ($(QUOTIENT_ENGINE),torch)
+SERVE_NEEDS += $(STAMPS)/torch
+endif
+
+serve: $(SERVE_NEEDS) ## run the service on 127.0.0.1:50051 (QUOTIENT_BACKEND=torchserve for TorchServe)
 	$(VENV)/bin/quotient-server
 
 # ---------------------------------------------------------------- tests and checks

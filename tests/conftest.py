@@ -163,10 +163,11 @@ def start_service(loop_thread: LoopThread) -> Iterator[Callable[..., ServiceHand
 
 @contextlib.contextmanager
 def torchserve_service(
-    lt: LoopThread, store: Path, tmp_path_factory: pytest.TempPathFactory
+    lt: LoopThread, store: Path, tmp_path_factory: pytest.TempPathFactory, **overrides: Any
 ) -> Iterator[str]:
     """Archive every model under ``store``, start our server with ``--backend torchserve`` on free
-    loopback ports, yield its target; on exit stop it and check no TorchServe process is left."""
+    loopback ports (``overrides``: other settings), yield its target; on exit stop it and check no
+    TorchServe process is left."""
     import subprocess
     import sys
 
@@ -184,7 +185,7 @@ def torchserve_service(
         archive_dir=str(archives), torchserve_workdir=str(workdir),
         torchserve_grpc_port=grpc_port, torchserve_grpc_management_port=grpc_mgmt,
         torchserve_inference_port=http, torchserve_management_port=mgmt,
-        torchserve_metrics_port=metrics, torchserve_startup_timeout_s=120.0,
+        torchserve_metrics_port=metrics, torchserve_startup_timeout_s=120.0, **overrides,
     )  # fmt: skip
     _, port, app = lt.run(create_server(settings))
     try:
@@ -209,8 +210,11 @@ def _mentions(cmdline: Path, text: str) -> bool:
 def torchserve_service_at(
     loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[Path], contextlib.AbstractContextManager[str]]:
-    """``with torchserve_service_at(store) as target:`` a TorchServe-backed server of ``store``."""
-    return lambda store: torchserve_service(loop_thread, store, tmp_path_factory)
+    """``with torchserve_service_at(store, **settings) as target:`` a TorchServe-backed server of
+    ``store``."""
+    return lambda store, **overrides: torchserve_service(
+        loop_thread, store, tmp_path_factory, **overrides
+    )
 
 
 # ---------------------------------------------------------------- certificates for TLS tests

@@ -36,13 +36,9 @@ class BuildWithStubs(build_py):
         for stale in ("quotient", "quotient_client"):
             shutil.rmtree(out / stale, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
+        # protos/ carries the google/rpc protos it imports; grpc_tools has the well-known types.
+        # Only quotient/v1 is generated: google.rpc's modules come from googleapis-common-protos.
         includes = [str(root), os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")]
-        try:  # google/rpc/status.proto ships with googleapis-common-protos
-            import google.rpc
-
-            includes.append(str(Path(google.rpc.__path__[0]).parent.parent))
-        except ImportError:
-            pass
         files = sorted(str(p) for p in (root / "quotient" / "v1").glob("*.proto"))
         args = [
             "protoc",
@@ -60,15 +56,27 @@ class BuildWithStubs(build_py):
 
 
 class SdistWithProtos(sdist):
-    """Put the .proto files into the sdist (as ./protos) so that it builds outside the repo."""
+    """Put protos/ (the API and the google/rpc protos it imports, with their licence) into the
+    sdist, so that it builds outside the repository."""
 
     def make_release_tree(self, base_dir: str, files: list[str]) -> None:
         super().make_release_tree(base_dir, files)
         root = _proto_root()
-        target = Path(base_dir) / "protos" / "quotient" / "v1"
-        target.mkdir(parents=True, exist_ok=True)
-        for proto in sorted((root / "quotient" / "v1").glob("*.proto")):
-            shutil.copy2(proto, target / proto.name)
+        for source in sorted(p for p in root.rglob("*") if p.is_file()):
+            target = Path(base_dir) / "protos" / source.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
 
 
+def _licence() -> None:
+    """The repository's LICENSE, copied next to this file (not committed: one text, one place)
+    so that setuptools puts it into the sdist and the wheel's metadata."""
+    repo_licence, here = HERE.parent.parent / "LICENSE", HERE / "LICENSE"
+    if repo_licence.is_file() and (
+        not here.is_file() or here.read_bytes() != repo_licence.read_bytes()
+    ):
+        shutil.copy2(repo_licence, here)
+
+
+_licence()
 setup(cmdclass={"build_py": BuildWithStubs, "sdist": SdistWithProtos})

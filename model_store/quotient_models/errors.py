@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DeviceUnavailable", "InputError"]
+__all__ = ["DeviceUnavailable", "InputError", "MissingRuntime"]
 
 
 class InputError(ValueError):
@@ -22,3 +22,20 @@ class InputError(ValueError):
 
 class DeviceUnavailable(RuntimeError):
     """The device asked for (``cuda``) cannot be used here; the message says what is missing."""
+
+
+class MissingRuntime(RuntimeError):
+    """The package an engine needs (onnxruntime, torch) is not installed; the message says how
+    to install it."""
+
+
+def require(module: str, hint: str):  # type: ignore[no-untyped-def]
+    """``importlib.import_module(module)``, or ``MissingRuntime`` with ``hint`` if absent."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        raise MissingRuntime(f"{module} is not installed: {hint}") from None

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from quotient_models.errors import DeviceUnavailable, InputError
+from quotient_models.errors import DeviceUnavailable, InputError, require
 from quotient_models.images.preprocess import FORMATS, decode_image
 from quotient_models.projections import CyclicProjectionHead, ProjectionInfo, ProjectionOutput
 from quotient_models.spec import ModelSpec
@@ -40,6 +40,11 @@ __all__ = [
 ]
 
 ENGINES = ("onnx", "torch")
+ORT_HINT = (
+    "make install (CPU) or make install-gpu; pip install 'quotient-server[cpu]' or "
+    "'quotient-server[gpu]'"
+)
+TORCH_HINT = "--engine torch needs it: make install-torch, or pip install 'quotient-server[torch]'"
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,7 @@ class OnnxSession:
     Called with the network's inputs in order; returns its outputs in order."""
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", ORT_HINT)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers: list = ["CPUExecutionProvider"]
@@ -108,8 +112,7 @@ class TorchSession:
     Same calling convention as ``OnnxSession``."""
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
-        import torch
-
+        torch = require("torch", TORCH_HINT)
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch

@@ -23,7 +23,7 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 
 from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
-from quotient_models.errors import DeviceUnavailable
+from quotient_models.errors import DeviceUnavailable, MissingRuntime
 from quotient_service.auth import ApiKeys, AuthInterceptor, server_credentials
 from quotient_service.backends import Backend, create_backend
 from quotient_service.batching import Batcher
@@ -206,7 +206,7 @@ async def serve(settings: Settings) -> int:
             if received and received[0] == signal.SIGTERM:
                 await app.drain(settings.drain_s)
         log.info("shutting down (grace %.1f s)", settings.shutdown_grace_s)
-    except (StartupError, DeviceUnavailable) as exc:
+    except (StartupError, DeviceUnavailable, MissingRuntime) as exc:
         log.error("cannot start: %s", exc)
         status = 1
     except Exception:

@@ -24,7 +24,13 @@ def test_wheel_builds_from_the_sdist_alone(tmp_path: Path) -> None:
     with tarfile.open(sdist) as tar:
         names = tar.getnames()
         tar.extractall(tmp_path / "src", filter="data")
-    assert any(n.endswith("protos/quotient/v1/embedding_service.proto") for n in names)
+    for carried in (
+        "protos/quotient/v1/embedding_service.proto",
+        "protos/google/rpc/status.proto",
+        "protos/google/rpc/LICENSE",
+    ):
+        assert any(n.endswith(carried) for n in names), carried
+    assert any(n.count("/") == 1 and n.endswith("/LICENSE") for n in names)  # the top level
     (tree,) = (tmp_path / "src").iterdir()
     wheels = tmp_path / "wheels"
     subprocess.run(
@@ -42,3 +48,5 @@ def test_wheel_builds_from_the_sdist_alone(tmp_path: Path) -> None:
         "quotient/v1/embedding_service_pb2_grpc.py",
         "quotient_client/_client.py",
     } <= built
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in built)
+    assert not any(n.startswith("google/") for n in built)  # googleapis-common-protos has them

@@ -4,6 +4,7 @@ answered the same way. One TorchServe start for the module."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ PROJECTIONS = ["align", "maxfilter", "mean", "max", "raw"]
 
 @pytest.fixture(scope="module")
 def torchserve_target(torchserve_service_at, tiny_model_store: Path) -> Iterator[str]:
-    with torchserve_service_at(tiny_model_store) as target:
+    with torchserve_service_at(tiny_model_store, health_check_interval_s=0.5) as target:
         yield target
 
 
@@ -77,3 +78,50 @@ def test_a_bad_input_is_answered_alike(
     assert codes[0] == codes[1] == (grpc.StatusCode.INVALID_ARGUMENT, "input 1")
     # and TorchServe still serves afterwards
     assert len(embed(torchserve_target, data[:1], "align").embeddings) == 1
+
+
+def test_health_turns_not_serving_when_torchserve_dies(torchserve_target: str, png, digits) -> None:
+    """Last in the module: it kills this module's TorchServe (the JVM, SIGKILL)."""
+    import os
+    import signal
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from quotient_service.servicer import SERVICE_NAME
+
+    jvms = [
+        int(p.parent.name)
+        for p in Path("/proc").glob("[0-9]*/cmdline")
+        if b"org.pytorch.serve.ModelServer" in _read(p) and "ts-work" in _cwd(p.parent)
+    ]
+    assert len(jvms) == 1, jvms
+    with grpc.insecure_channel(torchserve_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME)).status  # noqa: E731
+        assert check() == health_pb2.HealthCheckResponse.SERVING
+        os.kill(jvms[0], signal.SIGKILL)
+        killed = time.monotonic()
+        while check() != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() - killed < 15, "health still SERVING 15 s after the kill"
+            time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as caught:
+            request = pb.EmbedRequest(
+                model=MODEL, inputs=[pb.Input(image=pb.Image(data=png(digits(0))))]
+            )
+            pb_grpc.EmbeddingServiceStub(channel).Embed(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _cwd(proc: Path) -> str:
+    try:
+        return os.readlink(proc / "cwd")
+    except OSError:
+        return ""

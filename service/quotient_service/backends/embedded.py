@@ -14,7 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from quotient_models import serving
-from quotient_models.runtime import EmbeddingModel, InputLimits, gpu_visible, load_model
+from quotient_models.errors import require
+from quotient_models.runtime import (
+    ORT_HINT,
+    TORCH_HINT,
+    EmbeddingModel,
+    InputLimits,
+    gpu_visible,
+    load_model,
+)
 from quotient_service.backends.base import Backend, served_specs
 from quotient_service.config import Settings
 from quotient_service.errors import NotFound, Unavailable
@@ -29,10 +37,9 @@ def resolve_device(device: str, engine: str) -> str:
     if device != "auto":
         return device
     if engine == "torch":
-        import torch
-
+        torch = require("torch", TORCH_HINT)
         return "cuda" if torch.cuda.is_available() else "cpu"
-    import onnxruntime as ort
+    ort = require("onnxruntime", ORT_HINT)
 
     # onnxruntime-gpu lists its CUDA provider even on machines without a GPU; check for a device.
     usable = gpu_visible() and "CUDAExecutionProvider" in ort.get_available_providers()
