@@ -15,7 +15,8 @@ PYTEST_ARGS ?=
 
 .PHONY: help serve test test-unit test-integration test-e2e data-images train-images eval-images \
         data-molecules train-molecules eval-molecules archives install install-train \
-        install-molecules install-test install-torch install-torchserve install-gpu lint clean
+        install-molecules install-test install-torch install-torchserve install-gpu lint clean \
+        wheelhouse base-image image
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -159,3 +160,49 @@ lint: $(STAMPS)/test ## ruff and mypy
 
 clean: ## remove build outputs (keeps .venv and data)
 	rm -rf model_store/archives clients/python/build build
+
+# ---------------------------------------------------------------- container images (docs/deploy.md)
+# make image [TARGET=cpu|gpu|torchserve] [ENGINE=podman|docker] [BASE=image]
+# BASE defaults to a Debian 12 + python3 image made offline with debootstrap (make base-image),
+# since no registry image can be pulled here; in production pass a public one, for example
+# BASE=docker.io/library/python:3.11-slim-bookworm.
+TARGET ?= cpu
+ENGINE ?= podman
+OFFLINE_BASE := localhost/quotient-base:bookworm
+BASE ?= $(OFFLINE_BASE)
+IMAGE ?= quotient:$(TARGET)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+export CONTAINERS_CONF := $(CURDIR)/deploy/podman/containers.conf
+WHEELHOUSE := build/wheelhouse/$(TARGET)
+ifeq ($(TARGET),gpu)
+WHEEL_ENV := PIP_FIND_LINKS=  # a CUDA build of torch from the index, not this disk's CPU build
+endif
+ifneq ($(filter $(TARGET),cpu gpu torchserve),$(TARGET))
+$(error TARGET must be one of cpu, gpu, torchserve, got '$(TARGET)')
+endif
+
+$(WHEELHOUSE)/.done: $(STAMPS)/venv requirements/*.txt pyproject.toml $(shell git ls-files service model_store/quotient_models clients/python protos 2>/dev/null)
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PIP) wheel -q --no-deps -w $(WHEELHOUSE) . ./clients/python
+	$(WHEEL_ENV) $(PIP) download -q -d $(WHEELHOUSE) -c $(CONSTRAINTS) -r requirements/$(TARGET).txt
+	@touch $@
+
+wheelhouse: $(WHEELHOUSE)/.done ## the wheels an image installs from (build/wheelhouse/TARGET), made on this host
+
+base-image: ## the offline Debian 12 + python3 base image (debootstrap; needs root; about 2 min)
+	@if $(ENGINE) image exists $(OFFLINE_BASE) 2>/dev/null || $(ENGINE) image inspect $(OFFLINE_BASE) >/dev/null 2>&1; then \
+	  echo "$(OFFLINE_BASE) exists"; else \
+	  root=$$(mktemp -d /var/tmp/quotient-base.XXXXXX) && \
+	  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm $$root/rootfs >$$root/debootstrap.log 2>&1 \
+	    || { tail -20 $$root/debootstrap.log; rm -rf $$root; exit 1; }; \
+	  rm -rf $$root/rootfs/var/cache/apt/archives/*.deb $$root/rootfs/var/lib/apt/lists/*; \
+	  tar -C $$root/rootfs -c . | $(ENGINE) import - $(OFFLINE_BASE) && rm -rf $$root; fi
+
+IMAGE_DEPS := $(STAMPS)/apt $(WHEELHOUSE)/.done $(if $(filter torchserve,$(TARGET)),$(ARCHIVES))
+image: $(IMAGE_DEPS) $(if $(filter $(OFFLINE_BASE),$(BASE)),base-image) ## build quotient:TARGET (TARGET=cpu|gpu|torchserve)
+	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker) \
+	  $(if $(filter torchserve,$(TARGET)),--network host,--network none) \
+	  --target $(TARGET) --build-arg TARGET=$(TARGET) --build-arg BASE=$(BASE) \
+	  --build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) \
+	  -t $(IMAGE) -f Dockerfile .
+	@$(ENGINE) image inspect $(IMAGE) --format '$(IMAGE): {{.Size}} bytes'

@@ -43,6 +43,11 @@ class Settings:
         64 << 20,
         "largest gRPC message in or out; larger allows bigger requests but more memory per call",
     )
+    health_port: int = _f(
+        0,
+        "extra plaintext port serving only grpc.health.v1, for probes that cannot do TLS "
+        "(Kubernetes gRPC probes); 0 = health on --port only",
+    )
     max_connection_age_s: float = _f(
         0.0,
         "close each client connection after this long (clients reconnect, so load spreads "
@@ -181,7 +186,7 @@ class Settings:
                 raise ConfigError(f"{_names(f.name)}: must be a finite number, got {value}")
             if choices and value not in choices:
                 raise ConfigError(f"{_names(f.name)}: {value!r} is not one of {', '.join(choices)}")
-            if f.name.endswith("port") and not 0 <= value <= 65535:
+            if isinstance(value, int) and f.name.endswith("port") and not 0 <= value <= 65535:
                 raise ConfigError(f"{_names(f.name)}: {value} is not a port (0-65535)")
             # zero means "off" for some settings; every other number must be positive
             number = isinstance(value, int | float) and not f.name.endswith("port")

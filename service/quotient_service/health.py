@@ -21,6 +21,10 @@ class Health:
     def __init__(self, server: grpc.aio.Server, services: list[str]) -> None:
         self.servicer = health_aio.HealthServicer()
         self.names = [OVERALL_HEALTH, *services]
+        self.attach(server)
+
+    def attach(self, server: grpc.aio.Server) -> None:
+        """Serve the same statuses on another server too (the plaintext ``--health-port``)."""
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     async def set(self, serving: bool) -> None:

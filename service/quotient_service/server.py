@@ -51,11 +51,15 @@ class App:
     health: Health
     metrics: Metrics
     metrics_port: int = 0  # the bound /metrics port once started; 0 when disabled
+    health_server: grpc.aio.Server | None = None  # --health-port, when set
+    health_port: int = 0
     _monitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.health.set(False)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         self.metrics_port = self.metrics.serve(
             self.settings.metrics_host, self.settings.metrics_port
         )
@@ -106,6 +110,8 @@ class App:
                 await self._monitor
         await self.health.shutdown()
         await self.server.stop(grace)  # refuses new calls, lets running ones finish
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.batcher.stop()
         self.engine.close()
         await self.backend.stop()
@@ -127,6 +133,23 @@ def _options(settings: Settings) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000)),
         ]
     return options
+
+
+def _bind_health(health: Health, settings: Settings) -> tuple[grpc.aio.Server, int]:
+    """The plaintext server of ``--health-port``: grpc.health.v1 only, no key needed."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health.attach(server)
+    address = f"{settings.host}:{settings.health_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise StartupError(
+            f"--health-port / QUOTIENT_HEALTH_PORT: cannot bind {address}: the port is in use "
+            "by another process; pick another port"
+        )
+    return server, port
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -168,7 +191,10 @@ async def create_server(settings: Settings) -> tuple[grpc.aio.Server, int, App]:
         [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     port = _bind(server, settings)
-    return server, port, App(settings, server, backend, batcher, engine, health, metrics)
+    app = App(settings, server, backend, batcher, engine, health, metrics)
+    if settings.health_port:
+        app.health_server, app.health_port = _bind_health(health, settings)
+    return server, port, app
 
 
 async def serve(settings: Settings) -> int:
