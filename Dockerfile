@@ -108,6 +108,8 @@ LABEL org.opencontainers.image.title="quotient" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.vendor="Quotient"
 # TorchServe's frontend is Java; the JRE comes from Debian (this stage needs a Debian mirror).
+# Unpinned on purpose: Debian 12 ships security fixes as new versions of the same package.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
  && rm -rf /var/lib/apt/lists/*

