@@ -11,6 +11,15 @@ ARG BASE=docker.io/library/python:3.11-slim-bookworm
 
 # ------------------------------------------------------------------ common runtime layer
 FROM ${BASE} AS runtime
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://example.invalid/quotient
+LABEL org.opencontainers.image.title="quotient" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.vendor="Quotient"
 ENV LANG=C.UTF-8 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -48,16 +57,7 @@ COPY model_store/archives/ /opt/quotient/archives/
 
 # ------------------------------------------------------------------ shipped images
 FROM runtime AS cpu
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG SOURCE=https://example.invalid/quotient
-LABEL org.opencontainers.image.title="quotient" \
-      org.opencontainers.image.description="Invariant embeddings of images and molecules over gRPC (embedded backend, CPU)" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.source="${SOURCE}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.vendor="Quotient"
+LABEL org.opencontainers.image.description="Invariant embeddings of images and molecules over gRPC (embedded backend, CPU)"
 COPY --from=build-cpu /opt/quotient /opt/quotient
 ENV QUOTIENT_HOST=0.0.0.0 \
     QUOTIENT_METRICS_HOST=0.0.0.0 \
@@ -71,16 +71,7 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["quotient-server"]
 
 FROM runtime AS gpu
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG SOURCE=https://example.invalid/quotient
-LABEL org.opencontainers.image.title="quotient" \
-      org.opencontainers.image.description="Invariant embeddings of images and molecules over gRPC (embedded backend, CUDA)" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.source="${SOURCE}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.vendor="Quotient"
+LABEL org.opencontainers.image.description="Invariant embeddings of images and molecules over gRPC (embedded backend, CUDA)"
 COPY --from=build-gpu /opt/quotient /opt/quotient
 # The NVIDIA container toolkit mounts the driver; CUDA and cuDNN come from the nvidia-* wheels.
 ENV QUOTIENT_HOST=0.0.0.0 \
@@ -97,16 +88,7 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["quotient-server"]
 
 FROM runtime AS torchserve
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG SOURCE=https://example.invalid/quotient
-LABEL org.opencontainers.image.title="quotient" \
-      org.opencontainers.image.description="Invariant embeddings of images and molecules over gRPC (TorchServe 0.12 backend)" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.source="${SOURCE}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.vendor="Quotient"
+LABEL org.opencontainers.image.description="Invariant embeddings of images and molecules over gRPC (TorchServe 0.12 backend)"
 # TorchServe's frontend is Java; the JRE comes from Debian (this stage needs a Debian mirror).
 # Unpinned on purpose: Debian 12 ships security fixes as new versions of the same package.
 # hadolint ignore=DL3008

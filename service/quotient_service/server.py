@@ -135,41 +135,37 @@ def _options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
+def _bind(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    flag: str,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """Bind ``host:port`` (TLS with ``credentials``); a port held by another process is a
+    ``StartupError`` naming it and ``flag``."""
+    address = f"{host}:{port}"
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise StartupError(
+            f"{flag}: cannot bind {address}: the port is in use by another process (or the "
+            "address is not this host's); pick another port"
+        )
+    return bound
+
+
 def _bind_health(health: Health, settings: Settings) -> tuple[grpc.aio.Server, int]:
     """The plaintext server of ``--health-port``: grpc.health.v1 only, no key needed."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     health.attach(server)
-    address = f"{settings.host}:{settings.health_port}"
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise StartupError(
-            f"--health-port / QUOTIENT_HEALTH_PORT: cannot bind {address}: the port is in use "
-            "by another process; pick another port"
-        )
-    return server, port
-
-
-def _bind(server: grpc.aio.Server, settings: Settings) -> int:
-    address = f"{settings.host}:{settings.port}"
-    try:
-        if settings.tls_cert_file:
-            creds = server_credentials(
-                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
-            )
-            port = server.add_secure_port(address, creds)
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise StartupError(
-            f"--port / QUOTIENT_PORT: cannot bind {address}: the port is in use by another "
-            "process (or the address is not this host's); pick another port"
-        )
-    return port
+    flag = "--health-port / QUOTIENT_HEALTH_PORT"
+    return server, _bind(server, settings.host, settings.health_port, flag)
 
 
 async def create_server(settings: Settings) -> tuple[grpc.aio.Server, int, App]:
@@ -190,7 +186,12 @@ async def create_server(settings: Settings) -> tuple[grpc.aio.Server, int, App]:
     reflection.enable_server_reflection(
         [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = _bind(server, settings)
+    credentials = None
+    if settings.tls_cert_file:
+        credentials = server_credentials(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        )
+    port = _bind(server, settings.host, settings.port, "--port / QUOTIENT_PORT", credentials)
     app = App(settings, server, backend, batcher, engine, health, metrics)
     if settings.health_port:
         app.health_server, app.health_port = _bind_health(health, settings)

@@ -294,3 +294,34 @@ def test_tls_settings_that_cannot_work_are_refused(tiny_model_store, tmp_path, p
         server_credentials(str(tmp_path / "not.pem"), pki.server_key)
     with pytest.raises(StartupError, match=r"--tls-key-file / QUOTIENT_TLS_KEY_FILE.*cannot read"):
         server_credentials(pki.server_pem, str(tmp_path / "absent.key"))
+
+
+def test_the_health_port_serves_health_only_in_plaintext(
+    start_service, tiny_model_store, pki, pick_port
+):
+    """A TLS-only server with --health-port: plaintext probes (Kubernetes, quotient-probe) get
+    its health there, and nothing else is served on that port."""
+    import subprocess
+    import sys
+
+    health_port = pick_port()
+    service = start_service(
+        model_store=str(tiny_model_store),
+        tls_cert_file=pki.server_pem,
+        tls_key_file=pki.server_key,
+        health_port=health_port,
+    )
+    target = f"127.0.0.1:{health_port}"
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as caught:
+        list_models(target)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    probe = Path(sys.executable).parent / "quotient-probe"
+    ok = subprocess.run([str(probe), "--target", target], capture_output=True, text=True)
+    assert ok.returncode == 0 and "SERVING" in ok.stdout
+    refused = subprocess.run(  # plaintext on the TLS port: no handshake, not SERVING
+        [str(probe), "--target", service.target], capture_output=True, text=True
+    )
+    assert refused.returncode == 1
