@@ -184,7 +184,9 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export CONTAINERS_CONF := $(CURDIR)/deploy/podman/containers.conf
 WHEELHOUSE := build/wheelhouse/$(TARGET)
 ifeq ($(TARGET),gpu)
-WHEEL_ENV := PIP_FIND_LINKS=  # a CUDA build of torch from the index, not this disk's CPU build
+# A CUDA build of torch from the index, not a CPU build that a machine's pip config points at
+# (these machines' pip config and PIP_FIND_LINKS find torch 2.13.0+cpu on disk): neither, CA kept.
+WHEEL_ENV := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_CERT=$(firstword $(wildcard /etc/ssl/certs/ca-certificates.crt))
 endif
 ifneq ($(filter $(TARGET),cpu gpu torchserve),$(TARGET))
 $(error TARGET must be one of cpu, gpu, torchserve, got '$(TARGET)')
