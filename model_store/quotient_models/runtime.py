@@ -77,6 +77,11 @@ class OnnxSession:
                     "onnxruntime) has no CUDA provider; install onnxruntime-gpu (the gpu extra, "
                     "or the gpu image), or use --device cpu"
                 )
+            # CUDA and cuDNN from the nvidia-* wheels (the gpu image) are not on the loader's
+            # path: onnxruntime-gpu loads them from site-packages when asked to.
+            preload = getattr(ort, "preload_dlls", None)
+            if callable(preload):
+                preload()
             device_id = int(device.split(":")[1]) if ":" in device else 0
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         self.session = ort.InferenceSession(str(path), options, providers=providers)
