@@ -69,6 +69,10 @@ def test_raw_latent_depends_on_numbering(service):
         ("CCO.O", "fragment"),
         ("CCCCCCCCCC", "atoms"),
         ("CC[Si]", "element"),
+        ("CC O", "whitespace"),  # answered OK with ethane before
+        ("ＣＣO", "printable ascii"),  # answered OK with water before
+        ("N->C", "dative"),  # answered OK with a single bond before
+        ("COc1cc~ncc1", "unspecified"),  # INTERNAL with a traceback before
     ],
 )
 def test_bad_smiles_name_the_item_and_the_reason(service, bad, reason):
@@ -121,6 +125,7 @@ def test_molblock_rdkit_mol_and_smiles_give_the_same_embedding(service):
         ({"molblock": "CCO"}, "molblock", "a MolBlock has several lines"),
         ({"molblock": "title\n\n\n  0  0  0\n"}, "molblock", "no 'M  END' line"),
         ({"smiles": "CCO\nCC"}, "smiles", "SMILES has a line break"),
+        ({"molblock": "$$$$\n$$$$"}, "molblock", "holds no record"),  # INTERNAL before
         ({"molblock": "title\n\n\n  x  y  z\nM  END\n"}, "molblock", "RDKit cannot read"),
         (
             {"molblock": Chem.MolToMolBlock(Chem.MolFromSmiles("CC")) * 2},

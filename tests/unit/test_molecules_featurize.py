@@ -3,6 +3,8 @@ renumbering."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -181,3 +183,20 @@ def test_bad_molblocks_have_exact_reasons(text: str, reason: str) -> None:
     with pytest.raises(InputError) as info:
         featurize(text, QM9_DOMAIN)
     assert reason in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("CC O", "whitespace at position 2"),  # RDKit would read "O" as a name: ethane
+        ("CCO\tethanol", "'\\t' (U+0009) at position 3"),
+        ("ＣＣO", "'Ｃ' (U+FF23) at position 0"),  # full-width letters: RDKit read water
+        ("N->C", "bond 0 (N-C) is dative"),  # was silently a single bond
+        ("COc1cc~ncc1", "is unspecified"),  # was an RDKit valence exception (INTERNAL)
+        ("C1=CC=C~N1", "is unspecified"),  # was a kekulisation exception (INTERNAL)
+        ("$$$$\n$$$$", "holds no record"),  # was an IndexError (INTERNAL)
+    ],
+)
+def test_input_rdkit_would_misread_or_crash_on_is_refused_with_the_reason(text, reason):
+    with pytest.raises(InputError, match=re.escape(reason)):
+        featurize(text)

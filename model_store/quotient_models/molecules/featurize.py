@@ -147,6 +147,17 @@ def parse_smiles(smiles: str) -> Any:
     text = smiles.strip()
     if not text:
         raise InputError("empty SMILES")
+    for k, ch in enumerate(text):
+        if not ch.isascii() or not ch.isprintable():
+            raise InputError(
+                f"SMILES has the character {ch!r} (U+{ord(ch):04X}) at position {k}; "
+                "SMILES is printable ASCII"
+            )
+        if ch.isspace():  # RDKit would silently read everything after it as a name
+            raise InputError(
+                f"SMILES has whitespace at position {k}; send one SMILES without spaces "
+                "(a name after it is not read)"
+            )
     mol = chem.MolFromSmiles(text, sanitize=False)
     if mol is None:
         raise InputError(f"unparsable SMILES {_clip(text)!r}")
@@ -159,8 +170,19 @@ def _sanitized(mol: Any) -> Any:
         chem.SanitizeMol(mol)
     except Exception as exc:  # RDKit raises several types (valence, kekulisation, ...)
         raise InputError(f"not a valid molecule: {_first_line(exc)}") from None
+    for bond in mol.GetBonds():
+        kind = str(bond.GetBondType())
+        if kind not in _BOND_TYPES:
+            ends = f"{bond.GetBeginAtom().GetSymbol()}-{bond.GetEndAtom().GetSymbol()}"
+            raise InputError(
+                f"bond {bond.GetIdx()} ({ends}) is {kind.lower()}; only single, double, triple "
+                "and aromatic bonds are supported"
+            )
     chem.RemoveStereochemistry(mol)
     return mol
+
+
+_BOND_TYPES = {"SINGLE", "DOUBLE", "TRIPLE", "AROMATIC"}
 
 
 _MOLBLOCK_END = "M  END"
@@ -181,6 +203,8 @@ def parse_molblock(text: str) -> Any:
         else:
             records[-1].append(line)
     records = [r for r in records if "".join(r).strip()]
+    if not records:
+        raise InputError("SDF text holds no record (only '$$$$' lines)")
     if len(records) > 1:
         raise InputError(f"SDF text holds {len(records)} records; send one molecule per input")
     lines = records[0]
@@ -261,7 +285,10 @@ def mol_to_graph(mol: Any, domain: MoleculeDomain | None = None) -> MolGraph:
     n_frags = len(chem.GetMolFrags(mol))
     if n_frags > 1:
         raise InputError(f"molecule has {n_frags} fragments; one connected molecule is expected")
-    mol = chem.RemoveHs(mol)
+    try:
+        mol = chem.RemoveHs(mol)
+    except Exception as exc:  # RemoveHs sanitises again (valence, kekulisation, ...)
+        raise InputError(f"not a valid molecule: {_first_line(exc)}") from None
     n = mol.GetNumAtoms()
     if all(a.GetAtomicNum() == 1 for a in mol.GetAtoms()):  # also H2, which RemoveHs keeps
         raise InputError("no heavy atoms")
