@@ -82,7 +82,8 @@ class Engine:
         model = self.backend.models().get(name)
         if model is None:
             known = ", ".join(sorted(self.backend.models())) or "none"
-            raise NotFound(f"no model {name!r}; served models: {known}", metadata={"model": name})
+            shown = echo(name)  # a client's string: bounded before it goes into the status
+            raise NotFound(f"no model {shown!r}; served models: {known}", metadata={"model": shown})
         return model
 
     def list_models(self, page_size: int, page_token: str) -> tuple[list[EmbeddingModel], str]:
@@ -112,7 +113,7 @@ class Engine:
         except KeyError:
             known = ", ".join(p.name for p in model.projections())
             raise InvalidArgument(
-                f"unknown projection {projection!r}; known: {known}",
+                f"unknown projection {echo(projection)!r}; known: {known}",
                 field="projection",
                 reason="UNKNOWN_PROJECTION",
             ) from None
@@ -204,6 +205,15 @@ class Engine:
             if isinstance(out, BaseException):
                 raise out
         return list(results)  # type: ignore[arg-type]
+
+
+ECHO_LIMIT = 64
+
+
+def echo(text: str, limit: int = ECHO_LIMIT) -> str:
+    """A client's string as errors may repeat it: at most ``limit`` characters, and the length
+    when cut (an unbounded one made the status trailer too large for gRPC's metadata limit)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _encode_token(name: str) -> str:

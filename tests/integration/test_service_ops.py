@@ -145,3 +145,21 @@ def test_metrics_endpoint_counts_calls(stub, service, png, digits):
         "quotient_queued_items 0.0",
     ):
         assert name in text
+
+
+@pytest.mark.parametrize("field", ["model", "projection"])
+def test_a_huge_client_string_is_echoed_bounded(stub, field, png, digits):
+    """GetModel(name="x" * 10000) reached the client as RESOURCE_EXHAUSTED (its status trailer
+    exceeded gRPC's metadata limit); the name is now echoed cut to 64 characters."""
+    huge = "x" * 10_000
+    with pytest.raises(grpc.RpcError) as caught:
+        if field == "model":
+            stub.GetModel(pb.GetModelRequest(name=huge), timeout=10)
+        else:
+            image = pb.Input(image=pb.Image(data=png(digits(0))))
+            stub.Embed(
+                pb.EmbedRequest(model="tiny-a", projection=huge, inputs=[image]), timeout=10
+            )
+    expected = grpc.StatusCode.NOT_FOUND if field == "model" else grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.code() == expected
+    assert "(10000 characters)" in caught.value.details() and len(caught.value.details()) < 300

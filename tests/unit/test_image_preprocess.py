@@ -101,3 +101,26 @@ def test_decompression_bomb_is_refused_before_decoding():
     Image.new("L", (20000, 20000)).save(buf, format="PNG")
     with pytest.raises(InputError, match="pixels"):
         decode_image(buf.getvalue(), 28, max_input_bytes=1 << 30, max_pixels=16_777_216)
+
+
+def _tiff(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_float_tiff_with_non_finite_pixels_is_refused(bad):
+    pixels = digit().astype(np.float32)
+    pixels[3, 4] = bad  # answered OK with an all-NaN embedding before
+    with pytest.raises(InputError, match="1 pixel values that are NaN or infinite"):
+        decode_image(_tiff(Image.fromarray(pixels, mode="F")), 28, **LIMITS)
+    finite = decode_image(
+        _tiff(Image.fromarray(digit().astype(np.float32), mode="F")), 28, **LIMITS
+    )
+    assert np.isfinite(finite).all()
+
+
+def test_an_image_mode_without_a_grayscale_conversion_is_refused():
+    with pytest.raises(InputError, match="image mode LAB cannot be converted"):  # was INTERNAL
+        decode_image(_tiff(Image.new("LAB", (28, 28))), 28, **LIMITS)

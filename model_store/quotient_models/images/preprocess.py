@@ -77,9 +77,18 @@ def _grayscale(image: Image.Image) -> np.ndarray:
         return luma * alpha + background * (1.0 - alpha)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         arr = np.asarray(image, dtype=np.float32)
+        bad = int(np.size(arr) - np.isfinite(arr).sum())
+        if bad:  # a float TIFF may hold them; they would make the whole embedding NaN
+            raise InputError(f"image has {bad} pixel values that are NaN or infinite")
         top = float(arr.max())
         return arr / top if top > 0 else arr
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    try:
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (ValueError, OSError) as exc:  # modes Pillow cannot convert (LAB, ...)
+        raise InputError(
+            f"image mode {image.mode} cannot be converted to grayscale ({_clean(exc)}); "
+            "send grayscale, RGB or RGBA"
+        ) from None
 
 
 def _fit(gray: np.ndarray, size: int) -> np.ndarray:
