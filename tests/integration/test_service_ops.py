@@ -157,9 +157,7 @@ def test_a_huge_client_string_is_echoed_bounded(stub, field, png, digits):
             stub.GetModel(pb.GetModelRequest(name=huge), timeout=10)
         else:
             image = pb.Input(image=pb.Image(data=png(digits(0))))
-            stub.Embed(
-                pb.EmbedRequest(model="tiny-a", projection=huge, inputs=[image]), timeout=10
-            )
+            stub.Embed(pb.EmbedRequest(model="tiny-a", projection=huge, inputs=[image]), timeout=10)
     expected = grpc.StatusCode.NOT_FOUND if field == "model" else grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.code() == expected
     assert "(10000 characters)" in caught.value.details() and len(caught.value.details()) < 300
