@@ -170,19 +170,10 @@ def _sanitized(mol: Any) -> Any:
         chem.SanitizeMol(mol)
     except Exception as exc:  # RDKit raises several types (valence, kekulisation, ...)
         raise InputError(f"not a valid molecule: {_first_line(exc)}") from None
-    for bond in mol.GetBonds():
-        kind = str(bond.GetBondType())
-        if kind not in _BOND_TYPES:
-            ends = f"{bond.GetBeginAtom().GetSymbol()}-{bond.GetEndAtom().GetSymbol()}"
-            raise InputError(
-                f"bond {bond.GetIdx()} ({ends}) is {kind.lower()}; only single, double, triple "
-                "and aromatic bonds are supported"
-            )
+    for bond in mol.GetBonds():  # before RemoveHs, which crashes on some of the others
+        _bond_code(bond)
     chem.RemoveStereochemistry(mol)
     return mol
-
-
-_BOND_TYPES = {"SINGLE", "DOUBLE", "TRIPLE", "AROMATIC"}
 
 
 _MOLBLOCK_END = "M  END"
@@ -244,14 +235,20 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+_BOND_CODES = {"SINGLE": 1, "DOUBLE": 2, "TRIPLE": 3, "AROMATIC": 4}
+
+
 def _bond_code(bond: Any) -> int:
-    if bond.GetIsAromatic():
-        return 4
-    order = bond.GetBondTypeAsDouble()
-    code = {1.0: 1, 2.0: 2, 3.0: 3}.get(order)
-    if code is None:
-        raise InputError(f"bond type {bond.GetBondType()} is not supported")
-    return code
+    """The graph's code of a bond, or InputError naming it. By bond type, not order: a dative
+    bond (``->``) has order 1 but is no single bond."""
+    kind = str(bond.GetBondType())
+    if kind not in _BOND_CODES:  # first: a query bond "~" in a ring may be flagged aromatic
+        ends = f"{bond.GetBeginAtom().GetSymbol()}-{bond.GetEndAtom().GetSymbol()}"
+        raise InputError(
+            f"bond {bond.GetIdx()} ({ends}) is {kind.lower()}; only single, double, triple "
+            "and aromatic bonds are supported"
+        )
+    return 4 if bond.GetIsAromatic() else _BOND_CODES[kind]
 
 
 def _symmetry_slots(mol: Any) -> np.ndarray:
