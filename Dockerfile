@@ -24,6 +24,14 @@ ENV LANG=C.UTF-8 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/quotient/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# What every shipped image shares; each target adds its own ENV, then USER and HEALTHCHECK.
+ENV QUOTIENT_HOST=0.0.0.0 \
+    QUOTIENT_METRICS_HOST=0.0.0.0 \
+    QUOTIENT_MODEL_STORE=/opt/quotient/models
+WORKDIR /tmp
+EXPOSE 50051 9464
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["quotient-server"]
 # A fixed, unprivileged user (Kubernetes runAsUser 10001); no home, no login shell.
 RUN groupadd --system --gid 10001 quotient \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
@@ -60,33 +68,19 @@ COPY model_store/archives/ /opt/quotient/archives/
 FROM runtime AS cpu
 LABEL org.opencontainers.image.description="Invariant embeddings of images and molecules over gRPC (embedded backend, CPU)"
 COPY --from=build-cpu /opt/quotient /opt/quotient
-ENV QUOTIENT_HOST=0.0.0.0 \
-    QUOTIENT_METRICS_HOST=0.0.0.0 \
-    QUOTIENT_MODEL_STORE=/opt/quotient/models \
-    QUOTIENT_DEVICE=cpu
+ENV QUOTIENT_DEVICE=cpu
 USER 10001:10001
-WORKDIR /tmp
-EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=4s --start-period=60s --retries=3 CMD ["quotient-probe"]
-STOPSIGNAL SIGTERM
-ENTRYPOINT ["quotient-server"]
 
 FROM runtime AS gpu
 LABEL org.opencontainers.image.description="Invariant embeddings of images and molecules over gRPC (embedded backend, CUDA)"
 COPY --from=build-gpu /opt/quotient /opt/quotient
 # The NVIDIA container toolkit mounts the driver; CUDA and cuDNN come from the nvidia-* wheels.
-ENV QUOTIENT_HOST=0.0.0.0 \
-    QUOTIENT_METRICS_HOST=0.0.0.0 \
-    QUOTIENT_MODEL_STORE=/opt/quotient/models \
-    QUOTIENT_DEVICE=cuda \
+ENV QUOTIENT_DEVICE=cuda \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
-WORKDIR /tmp
-EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=4s --start-period=120s --retries=3 CMD ["quotient-probe"]
-STOPSIGNAL SIGTERM
-ENTRYPOINT ["quotient-server"]
 
 FROM runtime AS torchserve
 LABEL org.opencontainers.image.description="Invariant embeddings of images and molecules over gRPC (TorchServe 0.12 backend)"
@@ -97,18 +91,11 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build-torchserve /opt/quotient /opt/quotient
-ENV QUOTIENT_HOST=0.0.0.0 \
-    QUOTIENT_METRICS_HOST=0.0.0.0 \
-    QUOTIENT_BACKEND=torchserve \
-    QUOTIENT_MODEL_STORE=/opt/quotient/models \
+ENV QUOTIENT_BACKEND=torchserve \
     QUOTIENT_ARCHIVE_DIR=/opt/quotient/archives \
     QUOTIENT_TORCHSERVE_WORKDIR=/tmp/torchserve
 USER 10001:10001
-WORKDIR /tmp
-EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=4s --start-period=180s --retries=3 CMD ["quotient-probe"]
-STOPSIGNAL SIGTERM
-ENTRYPOINT ["quotient-server"]
 
 # `docker build .` without --target builds the cpu image.
 FROM cpu
