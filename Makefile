@@ -201,7 +201,7 @@ $(WHEELHOUSE)/.done: $(STAMPS)/venv requirements/*.txt pyproject.toml $(shell gi
 wheelhouse: $(WHEELHOUSE)/.done ## the wheels an image installs from (build/wheelhouse/TARGET), made on this host
 
 base-image: ## the offline Debian 12 + python3 base image (debootstrap; needs root; about 2 min)
-	@if $(ENGINE) image exists $(OFFLINE_BASE) 2>/dev/null || $(ENGINE) image inspect $(OFFLINE_BASE) >/dev/null 2>&1; then \
+	@if $(ENGINE) image inspect $(OFFLINE_BASE) >/dev/null 2>&1; then \
 	  echo "$(OFFLINE_BASE) exists"; else \
 	  root=$$(mktemp -d /var/tmp/quotient-base.XXXXXX) && \
 	  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm $$root/rootfs >$$root/debootstrap.log 2>&1 \

@@ -96,9 +96,6 @@ class ApiKeys:
         self._next_check = time.monotonic() + _CHECK_EVERY_S
         log.info("API keys required: %d key(s) from %s", len(self._digests), self.path)
 
-    def __len__(self) -> int:
-        return len(self._digests)
-
     def _maybe_reload(self) -> None:
         now = time.monotonic()
         if now < self._next_check:

@@ -186,7 +186,7 @@ class Settings:
                 raise ConfigError(f"{_names(f.name)}: must be a finite number, got {value}")
             if choices and value not in choices:
                 raise ConfigError(f"{_names(f.name)}: {value!r} is not one of {', '.join(choices)}")
-            if isinstance(value, int) and f.name.endswith("port") and not 0 <= value <= 65535:
+            if f.name.endswith("port") and not 0 <= value <= 65535:
                 raise ConfigError(f"{_names(f.name)}: {value} is not a port (0-65535)")
             # zero means "off" for some settings; every other number must be positive
             number = isinstance(value, int | float) and not f.name.endswith("port")
