@@ -13,7 +13,7 @@ MODELS := $(patsubst model_store/models/%/model.json,%,$(wildcard model_store/mo
 ARCHIVES := $(patsubst %,model_store/archives/%.mar,$(MODELS))
 PYTEST_ARGS ?=
 
-.PHONY: help serve test test-unit test-integration test-e2e data-images train-images eval-images \
+.PHONY: help docs fuzz serve test test-unit test-integration test-e2e data-images train-images eval-images \
         data-molecules train-molecules eval-molecules archives install install-train \
         install-molecules install-test install-torch install-torchserve install-gpu lint clean \
         wheelhouse base-image image
@@ -22,17 +22,19 @@ help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
 # ---------------------------------------------------------------- environments
-# Debian packages the tests use (command:package). Installed with apt-get when missing (as root;
+# Debian packages the tests use (command or absolute path:package). Installed with apt-get when missing (as root;
 # otherwise the target says what to install).
 APT_NEEDS := protoc:protobuf-compiler openssl:openssl java:openjdk-17-jre-headless node:nodejs \
 	npm:npm podman:podman buildah:buildah runc:runc catatonit:catatonit slirp4netns:slirp4netns \
-	newuidmap:uidmap debootstrap:debootstrap
+	newuidmap:uidmap debootstrap:debootstrap \
+	/usr/include/google/protobuf/any.proto:libprotobuf-dev
 BUF_VERSION := 1.75.0
 
 $(STAMPS)/apt:
 	@mkdir -p $(STAMPS)
 	@missing=""; for pair in $(APT_NEEDS); do \
-	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	  need=$${pair%%:*}; case $$need in /*) test -e $$need ;; *) command -v $$need >/dev/null 2>&1 ;; esac \
+	    || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: sudo apt-get install$$missing"; exit 1; fi; \
 	  echo "apt-get install$$missing"; \
@@ -161,6 +163,13 @@ test-integration: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## only tes
 
 test-e2e: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## only tests/e2e
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMPS)/test ## run every fuzz target for FUZZ_SECONDS (default 600) each; findings fail
+	QUOTIENT_FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest tests/fuzz -s -p no:timeout $(PYTEST_ARGS)
+
+docs: $(STAMPS)/serve ## rewrite the settings tables of docs/api.md from the Settings
+	$(PY) -c 'from pathlib import Path; from quotient_service.config import write_settings_tables as w; w(Path("docs/api.md"))'
 
 lint: $(STAMPS)/test ## ruff and mypy
 	$(VENV)/bin/ruff check .

@@ -10,9 +10,14 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +26,7 @@ import numpy as np
 import pytest
 
 T = TypeVar("T")
-_KINDS = ("unit", "integration", "e2e")
+_KINDS = ("unit", "integration", "e2e", "fuzz", "reliability")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -263,3 +268,73 @@ class Pki:
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
+
+
+# ---------------------------------------------------------------- quotient-server as a subprocess
+
+ENTRY_POINT = Path(sys.executable).parent / "quotient-server"
+STARTUP_TIMEOUT_S = 60.0
+
+
+class Launched:
+    """``quotient-server`` started as a subprocess in its own process group, its output in a
+    file (``output()``)."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        full_env = {**os.environ, "QUOTIENT_LOG_LEVEL": "DEBUG", "QUOTIENT_SHUTDOWN_GRACE_S": "2"}
+        self.proc = subprocess.Popen(
+            [str(ENTRY_POINT), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**full_env, **(env or {})},
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., Launched]]:
+    """``launch(*args, env=None)``: start ``quotient-server``; every one is killed at the end."""
+    started: list[Launched] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Launched:
+        started.append(Launched(list(args), tmp_path / f"server{len(started)}.log", env))
+        return started[-1]
+
+    yield start
+    for launched in started:
+        launched.kill()
+        print(launched.output()[-4000:])  # shown when the test fails
+
+
+def wait_serving(channel: Any, proc: subprocess.Popen) -> None:
+    """Until health says SERVING (``proc`` must not exit meanwhile)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from quotient_service.servicer import SERVICE_NAME
+
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited with {proc.returncode} during start-up"
+        try:
+            request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            if health.Check(request, timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"not SERVING after {STARTUP_TIMEOUT_S} s")

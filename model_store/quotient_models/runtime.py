@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from quotient_models.errors import DeviceUnavailable, InputError, require
-from quotient_models.images.preprocess import FORMATS, decode_image
+from quotient_models.images.preprocess import FORMATS, decode_image, header_pixels
 from quotient_models.projections import CyclicProjectionHead, ProjectionInfo, ProjectionOutput
 from quotient_models.spec import ModelSpec
 
@@ -187,6 +187,12 @@ class EmbeddingModel(ABC):
         """Cost of one prepared item for the batcher's budget (pixels, atoms, ...)."""
         return int(item.size)
 
+    def input_pixels(self, data: bytes) -> int:
+        """Pixels that preparing ``data`` would decode, read cheaply before decoding (from an
+        image's header); 0 for inputs that are not images or whose header is unreadable (the
+        decode itself then refuses them)."""
+        return 0
+
     def resolve_projection(self, name: str | None) -> str:
         chosen = name or self.spec.default_projection
         known = [p.name for p in self.projections()]
@@ -212,6 +218,9 @@ class ImageModel(EmbeddingModel):
             data, self.size, max_input_bytes=limits.max_input_bytes, max_pixels=limits.max_pixels
         )
         return pixels[None]  # [1, S, S]
+
+    def input_pixels(self, data: bytes) -> int:
+        return header_pixels(data)
 
     def collate(self, items: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {"image": np.stack(items).astype(np.float32)}

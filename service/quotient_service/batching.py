@@ -25,6 +25,7 @@ import numpy as np
 
 from quotient_models import serving
 from quotient_models.runtime import EmbeddingModel
+from quotient_service.admission import Throughput
 from quotient_service.backends.base import Backend
 from quotient_service.config import Settings
 from quotient_service.errors import DeadlineExceeded, QuotientError, ResourceExhausted, Unavailable
@@ -112,6 +113,7 @@ class Batcher:
         self.metrics = metrics or Metrics()
         self._queues: dict[tuple[str, str], _Queue] = {}
         self._queued = 0
+        self.throughput = Throughput()  # for the retry hint of a full queue
 
     @property
     def queued(self) -> int:
@@ -124,10 +126,14 @@ class Batcher:
         """Queue one request's prepared items; their rows come back in order.
         ``deadline`` is a ``time.monotonic()`` instant."""
         if self._queued + len(items) > self.settings.max_queue_items:
+            hint = self.throughput.retry_hint(
+                self._queued + len(items) - self.settings.max_queue_items
+            )
             raise ResourceExhausted(
                 f"server overloaded: {self._queued} items queued, limit "
-                f"{self.settings.max_queue_items}; retry with backoff",
+                f"{self.settings.max_queue_items}; retry in {hint:.2f} s",
                 metadata={"queued": self._queued, "limit": self.settings.max_queue_items},
+                retry_after_s=hint,
             )
         queue, request = self._queue(model, projection), _Request(len(items), deadline)
         queue.entries.extend(
@@ -259,6 +265,7 @@ class Batcher:
         self.metrics.batch_size.labels(name).observe(len(batch))
         self.metrics.inference.labels(name).observe(seconds)
         self.metrics.items.labels(name).inc(len(batch))
+        self.throughput.record(len(batch))
         info = (next(_batch_ids), len(batch), seconds)
         for row, entry in enumerate(batch):
             pose = None if out.poses is None else float(out.poses[row])

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_PREFIX", "ConfigError", "Settings", "load_settings", "resolve_repo_path"]
+__all__ = [
+    "ENV_PREFIX",
+    "ConfigError",
+    "Settings",
+    "load_settings",
+    "resolve_repo_path",
+    "settings_table",
+    "write_settings_tables",
+]
 
 ENV_PREFIX = "QUOTIENT_"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # service/quotient_service/config.py → repo
@@ -40,8 +48,9 @@ class Settings:
         50051, "gRPC port; 0 picks a free one (tests). Never shared with another process"
     )
     max_message_bytes: int = _f(
-        64 << 20,
-        "largest gRPC message in or out; larger allows bigger requests but more memory per call",
+        16 << 20,
+        "largest gRPC message in or out (gRPC refuses a larger one from its length prefix); "
+        "larger allows bigger requests but more memory per call",
     )
     health_port: int = _f(
         0,
@@ -143,6 +152,28 @@ class Settings:
         "threads that decode and prepare inputs; more decodes in "
         "parallel but competes with inference for CPU",
     )
+    max_request_pixels: int = _f(
+        64 << 20,
+        "most pixels decoded for one request, all its images together (read from their headers "
+        "before decoding); bounds the decode time one call can take",
+    )
+    # --- admission control (docs/security.md): checked before anything is decoded
+    max_concurrent_calls: int = _f(
+        64,
+        "calls the server runs at once (a stream counts once, health and reflection too); "
+        "gRPC refuses more with RESOURCE_EXHAUSTED before reading their message. Received "
+        "requests hold at most this x --max-message-bytes",
+    )
+    max_inflight_bytes: int = _f(
+        256 << 20,
+        "request bytes being served at once across Embed, EmbedStream and Decode; a call over "
+        "it is RESOURCE_EXHAUSTED with a retry hint. Higher admits more, holds more memory",
+    )
+    max_inflight_items: int = _f(
+        2048,
+        "inputs and Decode rows being served at once, all calls together; a call over it is "
+        "RESOURCE_EXHAUSTED with a retry hint (--max-queue-items bounds only the batch queue)",
+    )
     # --- operations
     metrics_host: str = _f("127.0.0.1", "address of the Prometheus /metrics endpoint")
     metrics_port: int = _f(9464, "Prometheus /metrics port; 0 disables the endpoint")
@@ -178,6 +209,16 @@ class Settings:
         1, "TorchServe workers per model; each is a process holding a copy of the model"
     )
     torchserve_java: str = _f("java", "java binary TorchServe runs with (JAVA_HOME/bin/java)")
+    torchserve_token_expiration_min: float = _f(
+        60.0,
+        "lifetime of TorchServe's inference token in minutes (fractions allowed, at least "
+        "2 s); the backend renews it at 80% of that. Shorter limits a leaked token, renews more",
+    )
+    torchserve_restart_backoff_max_s: float = _f(
+        30.0,
+        "longest wait before restarting a TorchServe that died (the wait starts at 1 s and "
+        "doubles while it keeps dying); shorter recovers sooner, restarts a crash loop more",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -249,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
             dest=f.name,
             default=None,
             metavar=env,
-            help=f"{f.metadata['help']} (default: {default}{allowed})",
+            help=f"{f.metadata['help']} (default: {default}{allowed})".replace("%", "%%"),
         )
     return parser
 
@@ -266,6 +307,40 @@ def load_settings(
         if raw is not None:
             values[f.name] = _convert(f, raw)
     return Settings(**values)
+
+
+def settings_table(torchserve: bool) -> str:
+    """docs/api.md's Markdown table of the settings: the TorchServe backend's, or all others
+    (``make docs`` writes both into docs/api.md; a test checks they are current)."""
+    rows = [
+        "| Flag | Environment variable | Default | Meaning and trade-off |",
+        "|---|---|---|---|",
+    ]
+    for f in dataclasses.fields(Settings):
+        if f.name.startswith("torchserve_") != torchserve:
+            continue
+        default = '""' if f.default == "" else str(f.default)
+        choices = f.metadata["choices"]
+        allowed = f" ({', '.join(f'`{c}`' for c in choices)})" if choices else ""
+        rows.append(
+            f"| `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | `{default}` | "
+            f"{f.metadata['help']}{allowed} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def write_settings_tables(path: Path) -> None:
+    """Replace the two settings tables of docs/api.md (general first, TorchServe second)."""
+    lines = path.read_text().splitlines(keepends=True)
+    starts = [k for k, line in enumerate(lines) if line.startswith("| Flag | Environment variable")]
+    if len(starts) != 2:
+        raise ValueError(f"{path}: expected 2 settings tables, found {len(starts)}")
+    for start, torchserve in reversed(list(zip(starts, (False, True), strict=True))):
+        end = start
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        lines[start:end] = [settings_table(torchserve)]
+    path.write_text("".join(lines))
 
 
 def resolve_repo_path(path: str | Path) -> Path:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +30,7 @@ from quotient_service.errors import (
     NotFound,
     Unavailable,
 )
+from quotient_service.prepare import NOT_STARTED, PreparePool
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "EmbedResult", "Engine", "Item"]
 
@@ -66,12 +67,23 @@ class Engine:
     def __init__(self, backend: Backend, batcher: Batcher, settings: Settings) -> None:
         self.backend, self.batcher, self.settings = backend, batcher, settings
         self.limits = InputLimits(settings.max_input_bytes, settings.max_pixels)
-        # Bounded: decoding is CPU work that competes with inference (decode_threads).
-        self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="prepare")
+        # Bounded: decoding is CPU work that competes with inference (decode_threads); shared
+        # between requests in turn (prepare.py)
+        self._pool = PreparePool(settings.decode_threads)
+        # one decode chunk per model at a time: Decode rows never queue ahead of Embed batches
+        # in a model's threads by more than one chunk
+        self._decoding: dict[str, asyncio.Semaphore] = {}
         self.ready = False  # set by the app once the backend has started
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
+
+    def deadline(self, timeout: float | None) -> float:
+        """The ``time.monotonic()`` instant a call must be answered by: the server's
+        ``request_timeout_s`` or the client's remaining time, whichever comes first. It covers
+        every stage (decoding, queueing, inference)."""
+        budget = min(self.settings.request_timeout_s, np.inf if timeout is None else timeout)
+        return time.monotonic() + budget
 
     def _check_ready(self) -> None:
         if not self.ready:  # answering "no models" while they load would mislead clients
@@ -106,6 +118,7 @@ class Engine:
     ) -> EmbedResult:
         """Embed ``items`` with one model; ``timeout`` is the client's remaining time, if any."""
         start = time.monotonic()
+        deadline = self.deadline(timeout)
         model = self.model(model_name)
         self._check_request(model, items)
         try:
@@ -117,9 +130,8 @@ class Engine:
                 field="projection",
                 reason="UNKNOWN_PROJECTION",
             ) from None
-        prepared = await self._prepare(model, items)
-        budget = min(self.settings.request_timeout_s, timeout if timeout is not None else np.inf)
-        result = await self.batcher.submit(model, chosen, prepared, start + budget)
+        prepared = await self._prepare(model, items, deadline)
+        result = await self.batcher.submit(model, chosen, prepared, deadline)
         info = next(p for p in model.projections() if p.name == chosen)
         return EmbedResult(
             model.spec.name,
@@ -138,7 +150,9 @@ class Engine:
     ) -> list[tuple[str, str]]:
         """Decode embeddings of ``model_name``'s default projection → (canonical SMILES, reason)
         per row, "" where absent. Runs as one backend batch, outside the batcher (decoding is
-        rare); ``timeout`` is the client's remaining time, if any."""
+        rare) in chunks of ``DECODE_CHUNK_ROWS``, one chunk per model at a time; ``timeout`` is
+        the client's remaining time, if any."""
+        deadline = self.deadline(timeout)
         model = self.model(model_name)
         if not model.can_decode:
             raise FailedPrecondition(
@@ -152,15 +166,21 @@ class Engine:
         except InputError as exc:
             field = f"embeddings[{exc.index}].values"
             raise InvalidArgument(exc.reason, index=exc.index, field=field) from None
-        budget = min(self.settings.request_timeout_s, timeout if timeout is not None else np.inf)
-        payload = serving.encode_decode_batch(values)
+        turn = self._decoding.setdefault(model_name, asyncio.Semaphore(1))
+        decoded: list[tuple[str, str]] = []
         try:
-            answer = await asyncio.wait_for(self.backend.run(model_name, payload), budget)
+            for at in range(0, len(values), DECODE_CHUNK_ROWS):
+                payload = serving.encode_decode_batch(values[at : at + DECODE_CHUNK_ROWS])
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    async with turn:
+                        answer = await self.backend.run(model_name, payload)
+                decoded += serving.decode_molecules(answer)
         except TimeoutError:
             raise DeadlineExceeded(
-                f"decoding {len(rows)} embeddings did not finish within its deadline"
+                f"decoding {len(rows)} embeddings did not finish within its deadline "
+                f"({len(decoded)} done)"
             ) from None
-        return serving.decode_molecules(answer)
+        return decoded
 
     def _check_count(self, n: int, field: str) -> None:
         if not n:
@@ -177,6 +197,7 @@ class Engine:
 
     def _check_request(self, model: EmbeddingModel, items: list[Item]) -> None:
         self._check_count(len(items), "inputs")
+        self._check_pixels(model, items)
         modality = model.spec.modality
         for i, (kind, _) in enumerate(items):
             if kind is None:
@@ -189,22 +210,52 @@ class Engine:
                     reason="WRONG_MODALITY",
                 )
 
-    async def _prepare(self, model: EmbeddingModel, items: list[Item]) -> list[np.ndarray]:
-        loop = asyncio.get_running_loop()
-        results = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._pool, model.prepare, data, self.limits)
-                for _, data in items
-            ),
-            return_exceptions=True,
-        )
+    def _check_pixels(self, model: EmbeddingModel, items: list[Item]) -> None:
+        """The pixels a request would decode, read from the image headers before decoding any
+        (each image's own limit is ``max_pixels``; this bounds the request's total)."""
+        limit, total = self.settings.max_request_pixels, 0
+        for i, (kind, data) in enumerate(items):
+            total += model.input_pixels(data)
+            if total > limit:
+                raise InvalidArgument(
+                    f"the images up to this one hold {total} pixels, above the limit of {limit} "
+                    "pixels decoded per request (--max-request-pixels); split the request",
+                    index=i,
+                    field=f"inputs[{i}].{_data_field(kind, data)}",
+                    reason="TOO_MANY_PIXELS",
+                )
+
+    async def _prepare(
+        self, model: EmbeddingModel, items: list[Item], deadline: float
+    ) -> list[np.ndarray]:
+        prepare = functools.partial(_prepare_one, model, self.limits)
+        try:
+            results = await self._pool.map(prepare, [data for _, data in items], deadline)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"decoding {len(items)} inputs did not finish within the deadline"
+            ) from None
         for i, ((kind, data), out) in enumerate(zip(items, results, strict=True)):
             if isinstance(out, InputError):  # the first bad item by index, deterministically
                 field = f"inputs[{i}].{_data_field(kind, data)}"
                 raise InvalidArgument(out.reason, index=i, field=field)
             if isinstance(out, BaseException):
                 raise out
-        return list(results)  # type: ignore[arg-type]
+            if out is NOT_STARTED:  # only after a refused item, which the loop reports first
+                raise AssertionError(f"input {i} was not prepared")
+        return list(results)
+
+
+DECODE_CHUNK_ROWS = 32
+
+
+def _prepare_one(model: EmbeddingModel, limits: InputLimits, data: bytes) -> np.ndarray:
+    return model.prepare(data, limits)
+
+
+def _loop_time(deadline: float) -> float:
+    """A ``time.monotonic()`` instant on the running loop's clock (``asyncio.timeout_at``)."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
 
 
 ECHO_LIMIT = 64

@@ -15,13 +15,17 @@ is also where per-call metrics see the final status code.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
+import traceback
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -34,6 +38,7 @@ __all__ = [
     "ErrorInterceptor",
     "FailedPrecondition",
     "InvalidArgument",
+    "LateAnswerFilter",
     "NotFound",
     "QuotientError",
     "ResourceExhausted",
@@ -47,7 +52,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 DOMAIN = "quotient"
-INTERNAL_MESSAGE = "internal error; the server log has the details"
+INTERNAL_MESSAGE = "internal error (call {call}); the server log has the details"
+# The id of the call being served, in its log lines and in an INTERNAL answer (set per call by
+# ErrorInterceptor; tasks the call starts inherit it).
+CALL_ID: contextvars.ContextVar[str] = contextvars.ContextVar("quotient_call_id", default="-")
 _BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 T = TypeVar("T")
 
@@ -93,7 +101,20 @@ class NotFound(QuotientError):
 
 
 class ResourceExhausted(QuotientError):
+    """Overload: the status carries ``google.rpc.RetryInfo`` with ``retry_after_s``."""
+
     reason = "QUEUE_FULL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        retry_after_s: float = 1.0,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(QuotientError):
@@ -150,17 +171,33 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         field = None if exc.index is None else f"inputs[{exc.index}]"
         exc = InvalidArgument(exc.reason, index=exc.index, field=field)
     if not isinstance(exc, QuotientError):
-        log.error("unhandled error", exc_info=exc)
-        exc = QuotientError(INTERNAL_MESSAGE, reason="INTERNAL")
+        call = CALL_ID.get()
+        log.error("call %s: server fault: %s", call, _fault(exc))
+        log.debug("call %s: traceback of the fault", call, exc_info=exc)
+        exc = QuotientError(
+            INTERNAL_MESSAGE.format(call=call), reason="INTERNAL", metadata={"call_id": call}
+        )
     code = _code_of(exc)
     info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
     details = [_pack(info)]
+    if isinstance(exc, ResourceExhausted):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     if isinstance(exc, InvalidArgument) and exc.field:
         violation = error_details_pb2.BadRequest.FieldViolation(
             field=exc.field, description=exc.description
         )
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     return status_pb2.Status(code=code.value[0], message=exc.message, details=details)
+
+
+def _fault(exc: BaseException) -> str:
+    """One line: the exception and where it was raised (the traceback is logged at DEBUG)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    text = " ".join(str(exc).split())[:500]
+    return f"{type(exc).__name__}: {text}{where}"
 
 
 def grpc_code(status: status_pb2.Status | None) -> grpc.StatusCode:
@@ -180,11 +217,20 @@ Observer = Callable[[str, str, grpc.StatusCode, float], None]
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Applies ``to_status`` to every method of the services under ``prefix`` and reports
-    (method, model, code, seconds) of unary calls to ``observe``."""
+    """Applies ``to_status`` to every method of the services under ``prefix``, reports
+    (method, model, code, seconds) of unary calls to ``observe``, and parses request bodies
+    itself: gRPC's own parsing answered a malformed body UNKNOWN (INTERNAL mid-stream); here it is
+    INVALID_ARGUMENT "MALFORMED_REQUEST", counted by ``malformed``. Each call gets an id
+    (``CALL_ID``) for its log lines. A call the client cancels, or whose deadline passes, is the
+    client's business: it is logged at DEBUG, never as an error."""
 
-    def __init__(self, prefix: str, observe: Observer | None = None) -> None:
-        self.prefix, self.observe = prefix, observe
+    def __init__(
+        self,
+        prefix: str,
+        observe: Observer | None = None,
+        malformed: Callable[[str], None] | None = None,
+    ) -> None:
+        self.prefix, self.observe, self.malformed = prefix, observe, malformed
 
     async def intercept_service(
         self,
@@ -196,28 +242,64 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(self.prefix):
             return handler
         name = method.rsplit("/", 1)[-1]
+        parse = self._parser(name, handler.request_deserializer)
         if handler.unary_unary:
-            return handler._replace(unary_unary=self._unary(name, handler.unary_unary))
+            behavior = self._unary(name, parse, handler.unary_unary)
+            return handler._replace(unary_unary=behavior, request_deserializer=None)
         if handler.stream_stream:
-            return handler._replace(stream_stream=self._stream(handler.stream_stream))
+            behavior = self._stream(name, parse, handler.stream_stream)
+            return handler._replace(stream_stream=behavior, request_deserializer=None)
         return handler
 
-    def _unary(self, name: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    def _parser(
+        self, name: str, deserialize: Callable[[bytes], Any] | None
+    ) -> Callable[[Any], Any]:
+        def parse(body: Any) -> Any:
+            if deserialize is None or not isinstance(body, bytes):
+                return body
+            try:
+                return deserialize(body)
+            except (DecodeError, ValueError, TypeError) as exc:
+                if self.malformed:
+                    self.malformed(name)
+                raise InvalidArgument(
+                    f"the request body is not a valid {name} request message "
+                    f"({len(body)} bytes): {' '.join(str(exc).split())[:200]}",
+                    reason="MALFORMED_REQUEST",
+                ) from None
+
+        return parse
+
+    def _unary(
+        self,
+        name: str,
+        parse: Callable[[Any], Any],
+        behavior: Callable[..., Awaitable[Any]],
+    ) -> Callable[..., Any]:
         # Metrics are recorded before the answer leaves, so a client that has its answer also
         # sees it counted.
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
+        async def wrapped(body: Any, context: grpc.aio.ServicerContext) -> Any:
+            start, request = time.perf_counter(), None
+            CALL_ID.set(_new_call_id())
             try:
+                request = parse(body)
+                del body  # the parsed request holds the data; the wire bytes can go now
                 response = await behavior(request, context)
             except grpc.aio.AbortError:  # the servicer aborted by itself
                 self._observe(name, request, grpc.StatusCode.UNKNOWN, start)
                 raise
             except asyncio.CancelledError:  # client cancelled or its deadline passed
+                log.debug(
+                    "call %s: %s cancelled by the client or its deadline", CALL_ID.get(), name
+                )
                 self._observe(name, request, grpc.StatusCode.CANCELLED, start)
                 raise
             except Exception as exc:
                 status = to_status(exc)
                 self._observe(name, request, grpc_code(status), start)
+                if _gone(context):  # nobody to answer: the client's deadline has passed
+                    log.debug("call %s: %s ended by its deadline first", CALL_ID.get(), name)
+                    raise asyncio.CancelledError from None
                 await context.abort_with_status(rpc_status.to_status(status))
             self._observe(name, request, grpc.StatusCode.OK, start)
             return response
@@ -229,14 +311,55 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             model = getattr(request, "model", "") or getattr(request, "name", "")
             self.observe(name, model, code, time.perf_counter() - start)
 
-    def _stream(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
-        async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def _stream(
+        self,
+        name: str,
+        parse: Callable[[Any], Any],
+        behavior: Callable[..., AsyncIterator[Any]],
+    ) -> Callable[..., Any]:
+        async def parsed(bodies: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for body in bodies:
+                yield parse(body)
+
+        async def wrapped(bodies: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            CALL_ID.set(_new_call_id())
             try:
-                async for response in behavior(requests, context):
+                async for response in behavior(parsed(bodies), context):
                     yield response
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:
+                log.debug(
+                    "call %s: %s cancelled by the client or its deadline", CALL_ID.get(), name
+                )
+                raise
             except Exception as exc:
-                await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+                status = to_status(exc)
+                if _gone(context):
+                    log.debug("call %s: %s ended by its deadline first", CALL_ID.get(), name)
+                    raise asyncio.CancelledError from None
+                await context.abort_with_status(rpc_status.to_status(status))
 
         return wrapped
+
+
+def _gone(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the call can no longer be answered (cancelled, or its deadline passed)."""
+    remaining = context.time_remaining()
+    return context.cancelled() or (remaining is not None and remaining <= 0)
+
+
+class LateAnswerFilter(logging.Filter):
+    """gRPC logs an ERROR with a traceback when an answer cannot be sent because the call's
+    deadline passed just before (``ExecuteBatchError raised in core``): a race the client
+    caused, not a server fault. Installed on gRPC's logger, it turns those into one DEBUG line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "ExecuteBatchError" in record.getMessage():
+            log.debug("an answer was not sent: its call had ended (%s)", record.getMessage())
+            return False
+        return True
+
+
+def _new_call_id() -> str:
+    return uuid.uuid4().hex[:12]

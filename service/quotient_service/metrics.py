@@ -78,6 +78,28 @@ class Metrics:
             "1 while the backend can run batches (health SERVING).",
             registry=r,
         )
+        self.inflight_bytes = Gauge(
+            "quotient_inflight_bytes",
+            "Request bytes admitted and not yet answered (--max-inflight-bytes).",
+            registry=r,
+        )
+        self.inflight_items = Gauge(
+            "quotient_inflight_items",
+            "Inputs and Decode rows admitted and not yet answered (--max-inflight-items).",
+            registry=r,
+        )
+        self.shed = Counter(
+            "quotient_shed_calls",
+            "Calls refused RESOURCE_EXHAUSTED by admission control, by method and limit.",
+            ["method", "limit"],
+            registry=r,
+        )
+        self.malformed = Counter(
+            "quotient_malformed_requests",
+            "Request bodies that are not valid protobuf of the method's type (INVALID_ARGUMENT).",
+            ["method"],
+            registry=r,
+        )
         # Model labels come from clients; only served names become labels (bounded cardinality).
         self.known_models: frozenset[str] = frozenset()
         self._http: WSGIServer | None = None

@@ -29,7 +29,7 @@ from quotient_service.backends import Backend, create_backend
 from quotient_service.batching import Batcher
 from quotient_service.config import ConfigError, Settings, load_settings
 from quotient_service.engine import Engine
-from quotient_service.errors import ErrorInterceptor, StartupError
+from quotient_service.errors import ErrorInterceptor, LateAnswerFilter, StartupError
 from quotient_service.health import HEALTH_SERVICE_NAME, Health
 from quotient_service.metrics import Metrics
 from quotient_service.servicer import SERVICE_NAME, EmbeddingServicer
@@ -177,8 +177,18 @@ async def create_server(settings: Settings) -> tuple[grpc.aio.Server, int, App]:
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.api_key_file:
         interceptors.append(AuthInterceptor(ApiKeys(settings.api_key_file), metrics.refused))
-    interceptors.append(ErrorInterceptor(f"/{SERVICE_NAME}/", metrics.observe_call))
-    server = grpc.aio.server(interceptors=interceptors, options=_options(settings))
+    interceptors.append(
+        ErrorInterceptor(
+            f"/{SERVICE_NAME}/",
+            metrics.observe_call,
+            lambda method: metrics.malformed.labels(method).inc(),
+        )
+    )
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_calls,
+    )
     pb_grpc.add_EmbeddingServiceServicer_to_server(
         EmbeddingServicer(engine, settings, metrics), server
     )
@@ -259,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("grpc._cython.cygrpc").addFilter(LateAnswerFilter())
     log.info("settings %s", json.dumps(settings.redacted(), sort_keys=True))
     return asyncio.run(serve(settings))
 

@@ -22,6 +22,7 @@ from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 from quotient_models.molecules.featurize import is_molblock_text
 from quotient_models.runtime import EmbeddingModel
 from quotient_service import errors
+from quotient_service.admission import Admission
 from quotient_service.config import Settings
 from quotient_service.engine import EmbedResult, Engine, Item
 from quotient_service.metrics import Metrics
@@ -39,13 +40,17 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine, self.settings, self.metrics = engine, settings, metrics
+        self.admission = Admission(
+            settings.max_inflight_bytes, settings.max_inflight_items, metrics
+        )
 
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> pb.EmbedResponse:
-        result = await self.engine.embed(
-            request.model, _items(request), request.projection, context.time_remaining()
-        )
+        with self.admission.admit("Embed", request.ByteSize(), len(request.inputs)):
+            result = await self.engine.embed(
+                request.model, _items(request), request.projection, context.time_remaining()
+            )
         return _embed_response(result, request.request_id)
 
     async def EmbedStream(
@@ -69,8 +74,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def Decode(
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecodeResponse:
-        rows = [np.asarray(e.values, dtype=np.float32) for e in request.embeddings]
-        decoded = await self.engine.decode(request.model, rows, context.time_remaining())
+        with self.admission.admit("Decode", request.ByteSize(), len(request.embeddings)):
+            rows = [np.asarray(e.values, dtype=np.float32) for e in request.embeddings]
+            decoded = await self.engine.decode(request.model, rows, context.time_remaining())
         return pb.DecodeResponse(
             molecules=[pb.DecodedMolecule(smiles=s, reason=r) for s, r in decoded],
             model=request.model,

@@ -3,68 +3,18 @@ exit. The process group is always killed at the end, whatever happened."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
+from conftest import ENTRY_POINT, Launched, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from quotient.v1 import embedding_service_pb2 as pb
 from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
-from quotient_service.servicer import SERVICE_NAME
-
-ENTRY_POINT = Path(sys.executable).parent / "quotient-server"
-STARTUP_TIMEOUT_S = 60.0
-
-
-class Launched:
-    """``quotient-server`` started as a subprocess in its own process group, its output in a
-    file (``output()``)."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        full_env = {**os.environ, "QUOTIENT_LOG_LEVEL": "DEBUG", "QUOTIENT_SHUTDOWN_GRACE_S": "2"}
-        self.proc = subprocess.Popen(
-            [str(ENTRY_POINT), *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**full_env, **(env or {})},
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._log.close()
-
-
-@pytest.fixture
-def launch(tmp_path) -> Iterator[Callable[..., Launched]]:
-    """``launch(*args, env=None)``: start ``quotient-server``; every one is killed at the end."""
-    started: list[Launched] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> Launched:
-        started.append(Launched(list(args), tmp_path / f"server{len(started)}.log", env))
-        return started[-1]
-
-    yield start
-    for launched in started:
-        launched.kill()
-        print(launched.output()[-4000:])  # shown when the test fails
 
 
 @pytest.fixture
@@ -73,21 +23,6 @@ def server(tiny_model_store, pick_port, launch) -> tuple[subprocess.Popen, int, 
     args = ["--port", str(port), "--metrics-port", str(metrics_port)]
     launched = launch(*args, "--model-store", str(tiny_model_store))
     return launched.proc, port, metrics_port
-
-
-def wait_serving(channel: grpc.Channel, proc: subprocess.Popen) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode} during start-up"
-        try:
-            request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-            if health.Check(request, timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"not SERVING after {STARTUP_TIMEOUT_S} s")
 
 
 def test_serve_embed_and_terminate_cleanly(server, png, digits):

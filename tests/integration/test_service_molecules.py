@@ -126,7 +126,11 @@ def test_molblock_rdkit_mol_and_smiles_give_the_same_embedding(service):
         ({"molblock": "title\n\n\n  0  0  0\n"}, "molblock", "no 'M  END' line"),
         ({"smiles": "CCO\nCC"}, "smiles", "SMILES has a line break"),
         ({"molblock": "$$$$\n$$$$"}, "molblock", "holds no record"),  # INTERNAL before
-        ({"molblock": "title\n\n\n  x  y  z\nM  END\n"}, "molblock", "RDKit cannot read"),
+        (
+            {"molblock": "title\n\n\n  x  y  z\nM  END\n"},
+            "molblock",
+            "counts line does not start with atom and bond counts",
+        ),
         (
             {"molblock": Chem.MolToMolBlock(Chem.MolFromSmiles("CC")) * 2},
             "molblock",

@@ -43,6 +43,16 @@ MOLECULES = [
         ("C1CC", "unparsable SMILES 'C1CC'"),
         ("C(", "unparsable SMILES 'C('"),
         ("CCCCCCCCCC", "10 heavy atoms; this model accepts at most 9"),
+        # counted before parsing: RDKit took 11 s and 930 MB for this one
+        (
+            "C" * 1_000_000,
+            "SMILES of 1000000 characters is longer than any molecule of at most 9 heavy atoms "
+            "(640 characters)",
+        ),
+        (
+            "[H]C([H])([H])C([H])([H])C([H])([H])CCCCCCC",
+            "10 heavy atoms; this model accepts at most 9",
+        ),
         ("CCCl", "element Cl is outside this model's domain (C, N, O, F)"),
         ("CC[S]", "element S is outside this model's domain (C, N, O, F)"),
         ("C[N+](C)(C)C.[Cl-]", "molecule has 2 fragments; one connected molecule is expected"),
@@ -173,7 +183,21 @@ def test_one_sdf_record_with_data_items_is_accepted() -> None:
     [
         (_molblock("CCO") + "$$$$\n" + _molblock("CC") + "$$$$\n", "SDF text holds 2 records"),
         ("\n  RDKit\n\n  3  2  0  0  0  0  0  0  0  0999 V2000\n", "no 'M  END' line"),
-        ("title\n\n\n  x  y  garbage\nM  END\n", "RDKit cannot read the MolBlock"),
+        ("title\n\n\n  x  y  garbage\nM  END\n", "counts line does not start with atom and"),
+        (
+            "title\n\n\n  2  1  0  0  0  0  0  0  0  0999 V2000\nnot an atom\nnor this\n"
+            "  1  2  1  0\nM  END\n",
+            "RDKit cannot read the MolBlock",
+        ),
+        # declared counts are checked before RDKit allocates for them (a 119-byte block that
+        # declared 100,000,000 atoms made RDKit allocate 3.1 GB)
+        (
+            "\n  RDKit          3D\n\n  0  0  0  0  0  0  0  0  0  0999 V3000\n"
+            "M  V30 BEGIN CTAB\nM  V30 COUNTS 100000000 0 0 0 0\nM  V30 END CTAB\nM  END\n",
+            "declares 100000000 atoms in its COUNTS line; at most 45 (9 heavy atoms",
+        ),
+        ("t\n\n\n 40  0  0  0  0  0  0  0  0  0999 V2000\nM  END\n", "but has only 5 lines"),
+        ("t\n\nM  END\n", "MolBlock has 3 lines"),
         (_molblock("CCO.O"), "molecule has 2 fragments"),
         (_molblock("CC[Si]"), "element Si is outside this model's domain"),
         (_molblock("C" * 10), "10 heavy atoms; this model accepts at most 9"),

@@ -28,7 +28,7 @@ def test_defaults():
         "auto",
     )
     assert (s.max_batch_items, s.max_queue_items, s.max_inputs_per_request) == (64, 1024, 256)
-    assert (s.max_input_bytes, s.max_pixels, s.max_message_bytes) == (8 << 20, 16777216, 64 << 20)
+    assert (s.max_input_bytes, s.max_pixels, s.max_message_bytes) == (8 << 20, 16777216, 16 << 20)
     assert (s.metrics_port, s.torchserve_grpc_port, s.torchserve_startup_timeout_s) == (
         9464,
         7070,
@@ -94,9 +94,13 @@ def test_relative_model_store_resolves_from_repo_root(tmp_path, monkeypatch):
 
 
 def test_docs_api_lists_every_setting():
+    from quotient_service.config import settings_table
+
     text = (REPO_ROOT / "docs" / "api.md").read_text()
     for f in dataclasses.fields(Settings):
         assert f"`--{f.name.replace('_', '-')}` | `QUOTIENT_{f.name.upper()}`" in text, f.name
+    for torchserve in (False, True):  # current, as `make docs` writes them
+        assert settings_table(torchserve) in text, "run `make docs`"
 
 
 def test_docs_api_carries_the_image_input_policy():

@@ -74,11 +74,14 @@ class Raising(pb_grpc.EmbeddingServiceServicer):
 @pytest.fixture(scope="module")
 def stub(loop_thread) -> Iterator[pb_grpc.EmbeddingServiceStub]:
     observed: list[tuple] = []
+    malformed: list[str] = []
 
     async def start():
         server = grpc.aio.server(
             interceptors=[
-                errors.ErrorInterceptor(f"/{SERVICE_NAME}/", lambda *a: observed.append(a))
+                errors.ErrorInterceptor(
+                    f"/{SERVICE_NAME}/", lambda *a: observed.append(a), malformed.append
+                )
             ]
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(Raising(), server)
@@ -90,6 +93,8 @@ def stub(loop_thread) -> Iterator[pb_grpc.EmbeddingServiceStub]:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         stub.observed = observed  # type: ignore[attr-defined]
+        stub.malformed = malformed  # type: ignore[attr-defined]
+        stub.channel = channel  # type: ignore[attr-defined]
         yield stub
     loop_thread.run(server.stop(0))
 
@@ -122,8 +127,10 @@ def test_error_table_row(stub, row, code, reason, index):
     info, violations = details(err)
     assert (info.reason, info.domain) == (reason, "quotient")
     assert info.metadata.get("index") == index
-    if code == grpc.StatusCode.INTERNAL:
-        assert err.details() == errors.INTERNAL_MESSAGE and "secret" not in err.details()
+    if code == grpc.StatusCode.INTERNAL:  # the call's id, to find its one ERROR line
+        call = info.metadata["call_id"]
+        assert err.details() == errors.INTERNAL_MESSAGE.format(call=call)
+        assert "secret" not in err.details() and len(call) == 12
     if index is not None:
         assert err.details().startswith(f"input {index}: ")
         assert info.metadata["reason"] and violations
@@ -159,3 +166,54 @@ def test_settle_returns_the_status_instead_of_raising(loop_thread):
     assert value is None and status.code == grpc.StatusCode.NOT_FOUND.value[0]
     assert loop_thread.run(errors.settle(ok())) == (7, None)
     assert errors.grpc_code(status) == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_server_fault_is_one_error_line_with_the_call_id(stub, caplog):
+    row = next(i for i, r in enumerate(ROWS) if type(r[0]) is RuntimeError)
+    with (
+        caplog.at_level("DEBUG", logger="quotient_service.errors"),
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        stub.Embed(pb.EmbedRequest(model=str(row)), timeout=10)
+    call = details(caught.value)[0].metadata["call_id"]
+    errors_logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors_logged) == 1
+    line = errors_logged[0].getMessage()
+    assert call in line and "RuntimeError: secret internals at " in line and "\n" not in line
+    assert errors_logged[0].exc_info is None  # the traceback is at DEBUG, not in the ERROR line
+    assert any(r.levelname == "DEBUG" and r.exc_info for r in caplog.records)
+
+
+def test_overload_carries_a_retry_hint(stub):
+    row = next(i for i, r in enumerate(ROWS) if type(r[0]) is errors.ResourceExhausted)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Embed(pb.EmbedRequest(model=str(row)), timeout=10)
+    status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+    hints = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+    assert len(hints) == 1
+    info = error_details_pb2.RetryInfo()
+    hints[0].Unpack(info)
+    assert info.retry_delay.ToTimedelta().total_seconds() == 1.0  # the default hint
+
+
+@pytest.mark.parametrize("body", [b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x12\x80\x80\x80\x80\x10"])
+def test_a_malformed_body_is_invalid_argument_and_counted(stub, body):
+    before = len(stub.malformed)
+    raw = stub.channel.unary_unary(f"/{SERVICE_NAME}/Embed")
+    with pytest.raises(grpc.RpcError) as caught:
+        raw(body, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(caught.value)[0].reason == "MALFORMED_REQUEST"
+    assert "not a valid Embed request message" in caught.value.details()
+    assert stub.malformed[before:] == ["Embed"]
+    assert stub.observed[-1][:3] == ("Embed", "", grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_a_malformed_stream_message_ends_the_stream_invalid_argument(stub):
+    good = pb.EmbedRequest(model="1", request_id="a").SerializeToString()
+    raw = stub.channel.stream_stream(f"/{SERVICE_NAME}/EmbedStream")
+    with pytest.raises(grpc.RpcError) as caught:
+        list(raw(iter([b"\xff\xff\xff", good]), timeout=10))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(caught.value)[0].reason == "MALFORMED_REQUEST"
+    assert stub.malformed[-1] == "EmbedStream"

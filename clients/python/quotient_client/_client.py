@@ -35,7 +35,7 @@ __all__ = [
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 API_KEY_ENV = "QUOTIENT_API_KEY"
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20  # the server's default --max-message-bytes
 _MESSAGE_SLACK = 64 << 10  # room for the request's other fields next to its inputs
 
 Metadata = Sequence[tuple[str, str]] | Mapping[str, str]

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from quotient_models.errors import InputError
 
-__all__ = ["FORMATS", "decode_image"]
+__all__ = ["FORMATS", "decode_image", "header_pixels"]
 
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 
@@ -57,6 +57,18 @@ def _open(data: bytes, max_input_bytes: int, max_pixels: int) -> Image.Image:
         raise InputError(
             f"image data is corrupt or truncated ({image.format}): {_clean(exc)}"
         ) from None
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height from the image header, without decoding (0 when unreadable)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+                width, height = image.size
+    except Exception:  # unreadable, or a bomb Pillow refuses outright: never decoded either
+        return 0
+    return max(0, width) * max(0, height)
 
 
 def _clean(exc: Exception) -> str:

@@ -24,6 +24,7 @@ What the model accepts (maximum heavy atoms, elements, charges, hydrogens per at
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,12 +142,72 @@ class MolGraph:
         )
 
 
-def parse_smiles(smiles: str) -> Any:
+# Cheap bounds, checked before RDKit parses anything: RDKit's cost grows with what the text
+# declares, not with its length ("C" * 1_000_000 took 11 s and kept 930 MB; a 119-byte V3000 block
+# declaring COUNTS 100000000 made it allocate 3.1 GB). Without a domain (training, tools) these
+# generous limits apply.
+MAX_ATOMS_WITHOUT_DOMAIN = 1000
+_CHARS_PER_ATOM = 64  # a bracket atom with isotope, charge, map number, bonds and ring closures
+_SMILES_ATOM = re.compile(r"\[[^\]]*\]|Br|Cl|[BCNOPSFIbcnops*]")
+_BRACKET_HYDROGEN = re.compile(r"\[\d*H(?![a-z])")  # [H], [2H], [H+]; not [Hg], [Ho]
+
+
+def _atom_limit(domain: MoleculeDomain | None) -> int:
+    return MAX_ATOMS_WITHOUT_DOMAIN if domain is None else domain.max_atoms
+
+
+def _check_smiles_cost(text: str, domain: MoleculeDomain | None) -> None:
+    limit = _atom_limit(domain)
+    if len(text) > _CHARS_PER_ATOM * limit + 64:
+        raise InputError(
+            f"SMILES of {len(text)} characters is longer than any molecule of at most {limit} "
+            f"heavy atoms ({_CHARS_PER_ATOM * limit + 64} characters)"
+        )
+    heavy = sum(1 for m in _SMILES_ATOM.finditer(text) if not _BRACKET_HYDROGEN.match(m.group()))
+    if heavy > limit:
+        raise InputError(f"{heavy} heavy atoms; this model accepts at most {limit}")
+
+
+def _check_molblock_cost(lines: list[str], domain: MoleculeDomain | None) -> None:
+    """The counts a MolBlock declares, against its own length and the model's limit (hydrogens
+    may be explicit atoms, so up to ``max_hydrogens`` per heavy atom)."""
+    if len(lines) < 4:
+        raise InputError(f"MolBlock has {len(lines)} lines; a header and a counts line come first")
+    counts = lines[3]
+    if "V3000" in counts:
+        found = next((ln for ln in lines if ln.startswith("M  V30 COUNTS")), None)
+        if found is None:
+            raise InputError("V3000 MolBlock has no 'M  V30 COUNTS' line")
+        fields = found.split()[3:5]
+        where = "its COUNTS line"
+    else:
+        fields = [counts[0:3], counts[3:6]]
+        where = "its counts line"
+    try:
+        atoms, bonds = (int(f) for f in fields)
+    except ValueError:
+        raise InputError(f"MolBlock: {where} does not start with atom and bond counts") from None
+    hydrogens = 4 if domain is None else domain.max_hydrogens
+    limit = _atom_limit(domain) * (1 + hydrogens)
+    if atoms > limit:
+        raise InputError(
+            f"MolBlock declares {atoms} atoms in {where}; at most {limit} "
+            f"({_atom_limit(domain)} heavy atoms with up to {hydrogens} hydrogens each)"
+        )
+    if atoms < 0 or bonds < 0 or atoms + bonds > len(lines):
+        raise InputError(
+            f"MolBlock declares {atoms} atoms and {bonds} bonds in {where} but has only "
+            f"{len(lines)} lines"
+        )
+
+
+def parse_smiles(smiles: str, domain: MoleculeDomain | None = None) -> Any:
     """SMILES → sanitised RDKit molecule (stereo removed), or InputError with the reason."""
     chem = _chem()
     text = smiles.strip()
     if not text:
         raise InputError("empty SMILES")
+    _check_smiles_cost(text, domain)
     for k, ch in enumerate(text):
         if not ch.isascii() or not ch.isprintable():
             raise InputError(
@@ -179,7 +240,7 @@ def _sanitized(mol: Any) -> Any:
 _MOLBLOCK_END = "M  END"
 
 
-def parse_molblock(text: str) -> Any:
+def parse_molblock(text: str, domain: MoleculeDomain | None = None) -> Any:
     """MDL MolBlock (V2000 or V3000) or one SDF record → sanitised RDKit molecule (stereo and
     coordinates ignored, explicit hydrogens folded into counts later), or InputError with the
     reason. An SDF record's data items after ``M  END`` are ignored; several records are refused
@@ -207,6 +268,7 @@ def parse_molblock(text: str) -> Any:
             f"text holds {len(ends)} MolBlocks ({_MOLBLOCK_END!r} lines); "
             "send one molecule per input"
         )
+    _check_molblock_cost(lines[: ends[0] + 1], domain)
     block = "\n".join(lines[: ends[0] + 1]) + "\n"
     mol = chem.MolFromMolBlock(block, sanitize=False, removeHs=False)
     if mol is None:
@@ -220,10 +282,12 @@ def is_molblock_text(text: str) -> bool:
     return "\n" in text.strip()
 
 
-def parse_text(text: str) -> Any:
+def parse_text(text: str, domain: MoleculeDomain | None = None) -> Any:
     """The molecule model's text input → RDKit molecule: a MolBlock/SDF record or a SMILES, as
-    ``is_molblock_text`` says."""
-    return parse_molblock(text) if is_molblock_text(text) else parse_smiles(text)
+    ``is_molblock_text`` says; ``domain`` bounds what may be parsed at all."""
+    if is_molblock_text(text):
+        return parse_molblock(text, domain)
+    return parse_smiles(text, domain)
 
 
 def _clip(text: str, limit: int = 80) -> str:
@@ -317,7 +381,7 @@ def mol_to_graph(mol: Any, domain: MoleculeDomain | None = None) -> MolGraph:
 def featurize(text: str, domain: MoleculeDomain | None = None) -> MolGraph:
     """One client molecule (SMILES, or MolBlock / one SDF record) → graph, or InputError with
     the reason."""
-    return mol_to_graph(parse_text(text), domain)
+    return mol_to_graph(parse_text(text, domain), domain)
 
 
 def canonical_smiles(smiles: str) -> str:
