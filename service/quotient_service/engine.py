@@ -132,6 +132,12 @@ class Engine:
             ) from None
         prepared = await self._prepare(model, items, deadline)
         result = await self.batcher.submit(model, chosen, prepared, deadline)
+        bad = np.flatnonzero(~np.isfinite(result.values).all(axis=1))
+        if len(bad):  # finite inputs, so a model fault: never sent to the client
+            raise NonFiniteOutput(
+                f"model {model.spec.name!r} ({chosen}) gave non-finite values for inputs "
+                f"{bad[:10].tolist()}"
+            )
         info = next(p for p in model.projections() if p.name == chosen)
         return EmbedResult(
             model.spec.name,
@@ -247,6 +253,10 @@ class Engine:
 
 
 DECODE_CHUNK_ROWS = 32
+
+
+class NonFiniteOutput(RuntimeError):
+    """A model answered NaN or infinity for finite inputs (INTERNAL: a server fault)."""
 
 
 def _prepare_one(model: EmbeddingModel, limits: InputLimits, data: bytes) -> np.ndarray:

@@ -292,3 +292,31 @@ def test_decode_calls_do_not_hold_up_embed(start_service):
         f"{codes.count('OK')} OK, {codes.count('RESOURCE_EXHAUSTED')} shed; last decode "
         f"{ok_last - start:.2f} s after the Embed began"
     )
+
+
+def test_a_non_finite_model_output_is_never_sent(start_service, png, digits, caplog):
+    """Fault injection: the encoder answers NaN for one row; the call fails INTERNAL with its
+    call id, and no response carries the value."""
+    service = start_service()
+    model = service.app.backend.models()[IMAGE]
+    encoder = model.encoder
+
+    def broken(x):
+        out = [np.array(o, copy=True) for o in encoder(x)]
+        out[0][1] = np.nan
+        return out
+
+    model.encoder = broken
+    try:
+        with (
+            caplog.at_level("ERROR", logger="quotient_service.errors"),
+            pytest.raises(grpc.RpcError) as caught,
+        ):
+            stub(service.target).Embed(images(png(digits(0)), 3), timeout=30)
+    finally:
+        model.encoder = encoder
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    call = error_info(caught.value)[0].metadata["call_id"]
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(lines) == 1 and call in lines[0] and "non-finite values for inputs [1]" in lines[0]
+    assert stub(service.target).Embed(images(png(digits(0)), 3), timeout=30).embeddings
