@@ -78,15 +78,29 @@ def _clean(exc: Exception) -> str:
     return re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "the data", str(exc))
 
 
+def _floats(image: Image.Image) -> np.ndarray:
+    """Pixels as float32; through uint8 first (``np.asarray(image, dtype=np.float32)`` takes
+    Pillow's slow path: 0.14 s instead of 0.02 s for 4096x4096)."""
+    return np.asarray(image).astype(np.float32)
+
+
 def _grayscale(image: Image.Image) -> np.ndarray:
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     if has_alpha:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        luma = rgba[..., 0] * 0.299 + rgba[..., 1] * 0.587 + rgba[..., 2] * 0.114
-        alpha = rgba[..., 3]
-        ink = float((luma * alpha).sum() / alpha.sum()) if alpha.sum() > 0 else 1.0
+        rgba = image.convert("RGBA")
+        # luma by Pillow (the same weights, as for opaque images), then two float planes in
+        # place: a [H, W, 4] float array made a 4096x4096 RGBA image take 1.7 s
+        luma = _floats(rgba.convert("L"))
+        luma /= 255.0
+        alpha = _floats(rgba.getchannel("A"))
+        alpha /= 255.0
+        total = float(alpha.sum(dtype=np.float64))
+        ink = float(np.vdot(luma, alpha)) / total if total > 0 else 1.0
         background = 1.0 if ink < 0.5 else 0.0
-        return luma * alpha + background * (1.0 - alpha)
+        luma *= alpha
+        if background:
+            luma += 1.0 - alpha
+        return luma
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         arr = np.asarray(image, dtype=np.float32)
         bad = int(np.size(arr) - np.isfinite(arr).sum())
@@ -95,7 +109,7 @@ def _grayscale(image: Image.Image) -> np.ndarray:
         top = float(arr.max())
         return arr / top if top > 0 else arr
     try:
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        return _floats(image.convert("L")) / 255.0
     except (ValueError, OSError) as exc:  # modes Pillow cannot convert (LAB, ...)
         raise InputError(
             f"image mode {image.mode} cannot be converted to grayscale ({_clean(exc)}); "
