@@ -1,19 +1,28 @@
 """The TorchServe backend against a real TorchServe (Java frontend, Python worker) on loopback.
 
 One TorchServe start serves the whole module (start-up takes seconds to tens of seconds); the
-archive of the tiny test model is built with the same CLI the Makefile runs.
+archive of the tiny test model is built with the same CLI the Makefile runs. Its inference token
+lives 3 s (``TOKEN_MIN``), so every test here also runs across token renewals.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -21,9 +30,9 @@ from quotient_models import serving
 from quotient_models.invariance import relative_change
 from quotient_models.runtime import load_model
 from quotient_models.testing import write_tiny_image_model
-from quotient_service.backends.torchserve import TorchServeBackend, TorchServeError
+from quotient_service.backends.torchserve import TorchServeBackend, TorchServeError, _map_error
 from quotient_service.config import Settings
-from quotient_service.errors import InvalidArgument, NotFound
+from quotient_service.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,6 +43,8 @@ pytestmark = [
 
 MODEL = "tiny-c4"
 PROJECTIONS = ["align", "maxfilter", "mean", "max", "raw"]
+TOKEN_MIN = 0.05  # TorchServe's token_expiration_min: inference keys live 3 s
+LOGGER = "quotient_service.backends.torchserve"
 
 
 def free_ports(n: int) -> list[int]:
@@ -79,6 +90,19 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def key_file(backend: TorchServeBackend) -> dict[str, dict[str, str]]:
+    keys: dict[str, dict[str, str]] = json.loads((backend.workdir / "key_file.json").read_text())
+    return keys
+
+
+def group_member(pgid: int, marker: bytes) -> int:
+    """The pid of the one live process of the group whose command line holds ``marker``."""
+    members = live_group_members(pgid)
+    found = [pid for pid in members if marker in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def live_group_members(pgid: int) -> list[int]:
     """Pids of live processes in a process group (zombies await their reaper and are harmless)."""
     pids = []
@@ -115,7 +139,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 @pytest.fixture(scope="module")
 def backend(root: Path, loop: asyncio.AbstractEventLoop) -> Iterator[TorchServeBackend]:
-    b = TorchServeBackend(torchserve_settings(root))
+    b = TorchServeBackend(torchserve_settings(root, torchserve_token_expiration_min=TOKEN_MIN))
     loop.run_until_complete(b.start())
     print(f"\nTorchServe ready after {b.startup_seconds:.1f} s")
     yield b
@@ -245,10 +269,138 @@ def test_unknown_model_is_not_found(backend: TorchServeBackend, loop) -> None:
         loop.run_until_complete(backend.run("nope", batch()))
 
 
-def test_an_expired_token_is_read_again(backend: TorchServeBackend, loop) -> None:
-    backend._key = "expired"  # what a call sees after TorchServe rotated its keys
+def test_a_replaced_token_is_read_again(backend: TorchServeBackend, loop) -> None:
+    backend._key = "replaced"  # what a call sees after a restarted TorchServe wrote new keys
     assert loop.run_until_complete(backend.run(MODEL, batch()))
-    assert backend._key != "expired"
+    assert backend._key == key_file(backend)["inference"]["key"]
+
+
+def test_the_token_is_renewed_before_it_expires(backend: TorchServeBackend, loop, caplog) -> None:
+    """Calls for three token lifetimes all succeed: the supervisor renews the key at 80%."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    first = key_file(backend)["inference"]["key"]
+
+    async def calls(seconds: float) -> list[str]:
+        outcomes, end = [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                await backend.run(MODEL, batch(2))
+                outcomes.append("OK")
+            except Exception as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(0.1)
+        return outcomes
+
+    outcomes = loop.run_until_complete(calls(3 * TOKEN_MIN * 60))
+    assert set(outcomes) == {"OK"}, [o for o in outcomes if o != "OK"][:3]
+    due = [r.getMessage() for r in caplog.records if "token renewed (due" in r.getMessage()]
+    assert len(due) >= 2, due
+    assert key_file(backend)["inference"]["key"] not in (first, None)
+
+
+def test_an_expired_token_is_renewed_through_the_token_api(
+    backend: TorchServeBackend, loop, caplog
+) -> None:
+    """No proactive renewal, the key expires: the refused call renews it (POST /token with the
+    API key) and is retried, so it succeeds."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    loop.run_until_complete(backend.run(MODEL, batch()))
+    backend._renew_at = None  # the supervisor (its loop is idle now anyway) will not renew
+    stale = backend._key
+    time.sleep(TOKEN_MIN * 60 + 0.5)
+    assert loop.run_until_complete(backend.run(MODEL, batch()))
+    assert backend._key != stale
+    assert backend._key == key_file(backend)["inference"]["key"]
+    assert any("token renewed (refused" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_token_lifetime_under_two_seconds_is_refused(root: Path, loop) -> None:
+    b = TorchServeBackend(torchserve_settings(root, torchserve_token_expiration_min=0.02))
+    with pytest.raises(TorchServeError, match="under 2 s"):
+        loop.run_until_complete(b.start())
+    assert b._proc is None
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+NO_WORKER = (
+    'Model "tiny-c4" has no worker to serve inference request. Please use scale workers API to '
+    "add workers. If this is a sequence inference, please check if it is closed, or expired; or "
+    "exceeds maxSequenceJobQueueSize\norg.pytorch.serve.http.ServiceUnavailableException"
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "in_flight", "kind", "reason"),
+    [
+        # TorchServe 0.12, measured: a worker SIGKILLed under a batch (exit 137 reads as OOM)
+        ("RESOURCE_EXHAUSTED", "Worker died.\norg.pytorch.serve.http.InternalServerException",
+         1, Unavailable, "NO_WORKER"),
+        ("INTERNAL", "Worker died.", 1, Unavailable, "NO_WORKER"),  # any other worker exit
+        ("INTERNAL", NO_WORKER, 1, Unavailable, "NO_WORKER"),  # no worker registered
+        ("INTERNAL", NO_WORKER, 101, ResourceExhausted, "QUEUE_FULL"),  # job queue (100) full
+        ("RESOURCE_EXHAUSTED", "something else", 1, ResourceExhausted, "QUEUE_FULL"),
+    ],
+    ids=["worker-killed", "worker-died", "no-worker", "queue-full", "other-exhausted"],
+)  # fmt: skip
+def test_torchserve_errors_map_to_ours(
+    code: str, details: str, in_flight: int, kind: type, reason: str
+) -> None:
+    mapped = _map_error(FakeRpcError(grpc.StatusCode[code], details), MODEL, in_flight)
+    assert type(mapped) is kind
+    assert mapped.reason == reason  # type: ignore[attr-defined]
+    assert "org.pytorch" not in str(mapped)
+
+
+def test_a_hung_torchserve_is_restarted(backend: TorchServeBackend, loop, caplog) -> None:
+    """A JVM that stops answering (SIGSTOP) is killed and replaced after three unanswered Pings;
+    meanwhile calls are UNAVAILABLE and ready() is False."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    assert backend._proc is not None
+    old_pgid = backend._proc.pid
+    jvm = group_member(old_pgid, b"org.pytorch.serve.ModelServer")
+    restarts = backend.restarts
+    os.kill(jvm, signal.SIGSTOP)
+    stopped = time.monotonic()
+
+    async def until_restarted() -> list[str]:
+        codes = []
+        while backend.restarts == restarts:
+            assert time.monotonic() - stopped < 60, "no restart 60 s after SIGSTOP"
+            try:
+                await backend.run(MODEL, batch())
+                codes.append("OK")
+            except Exception as exc:
+                codes.append(f"{type(exc).__name__}/{getattr(exc, 'reason', '')}")
+            await asyncio.sleep(0.5)
+        return codes
+
+    try:
+        codes = loop.run_until_complete(until_restarted())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(jvm, signal.SIGCONT)
+    tally = dict(Counter(codes))
+    print(
+        f"\nSIGSTOP of the JVM: restarted after {time.monotonic() - stopped:.1f} s; calls: {tally}"
+    )
+    assert live_group_members(old_pgid) == []  # the hung group is gone
+    assert {c.split("/")[0] for c in codes} <= {"Unavailable", "DeadlineExceeded", "OK"}
+    assert loop.run_until_complete(backend.ready())
+    assert loop.run_until_complete(backend.run(MODEL, batch()))
+    died = [r for r in caplog.records if r.getMessage().startswith("TorchServe died")]
+    assert len(died) == 1 and "Pings in a row failed" in died[0].getMessage()
+    assert died[0].levelno == logging.ERROR
 
 
 def test_stop_leaves_no_process(backend: TorchServeBackend, loop) -> None:

@@ -4,16 +4,29 @@ Lifecycle (see ``Backend``):
 1. ``start()`` writes ``config.properties`` into the work directory, launches
    ``torchserve --start --foreground`` from this virtual environment in its own process group
    (output to ``<workdir>/torchserve.log``), then waits until ``Ping`` says Healthy and one warm-up
-   batch per model succeeds, or fails with the log's tail and leaves no process behind;
+   batch per model succeeds, or fails with the log's tail and leaves no process behind; then it
+   starts the supervisor (``_supervise``);
 2. ``run()`` sends one model batch as ``Predictions(model_name, input={"body": payload})`` with the
    inference token and a deadline, and maps TorchServe's coarse errors to ours (``_map_error``);
-3. ``stop()`` SIGTERMs the process group (Java frontend and Python workers) and SIGKILLs it after a
-   grace period.
+3. ``stop()`` stops the supervisor, SIGTERMs the process group (Java frontend and Python workers)
+   and SIGKILLs it after a grace period.
 
-Token authorization stays on: TorchServe writes ``key_file.json`` into its working directory; the
-key is re-read when a call is refused (keys expire after 60 minutes). Each instance keeps its own
-``TMPDIR``: TorchServe's pid file, worker sockets and unpacked archives live there, so two
-instances (tests, a second service) never see each other.
+Token authorization stays on: TorchServe writes ``key_file.json`` into its working directory, with
+an inference key that expires after ``--torchserve-token-expiration-min`` and an "API" key that
+does not. The supervisor renews the inference key at 80% of its lifetime through TorchServe's token
+API (``POST /token?type=inference`` on the management address, authorized by the API key; TorchServe
+rewrites ``key_file.json``); a call refused with PERMISSION_DENIED renews it too, then is retried
+once. The management key also expires; nothing here uses it.
+
+Supervision: when the launcher exits (it does as soon as the JVM dies) or ``Ping`` fails
+``_PING_FAILURES`` times in a row, the supervisor kills what is left of the group and starts
+TorchServe again, after 1 s, then 2, 4, ... up to ``--torchserve-restart-backoff-max-s`` while it
+keeps dying (the log of the run that died is kept as ``torchserve.log.1``). Meanwhile ``ready()``
+is False and ``run()`` raises ``Unavailable`` (reason ``TORCHSERVE_RESTARTING``). A dead Python
+worker is TorchServe's to restart; the batch it held fails ``Unavailable`` (reason ``NO_WORKER``).
+
+Each instance keeps its own ``TMPDIR``: TorchServe's pid file, worker sockets and unpacked archives
+live there, so two instances (tests, a second service) never see each other.
 """
 
 from __future__ import annotations
@@ -31,7 +44,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -62,10 +80,35 @@ _REQUEST_OVERHEAD = 1024  # PredictionsRequest bytes besides the payload (name, 
 _MODEL_LOG = "MODEL_LOG - "  # prefix of the Python worker's lines in TorchServe's output
 _LOAD_FAILED = "MODEL_LOG - Failed to load model"  # ts/model_service_worker.py, on each attempt
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to 108 bytes; TorchServe adds "/.ts.sock.9000"
+_JOB_QUEUE_SIZE = 100  # TorchServe's default job_queue_size, written into config.properties
+_KEY_FILE = "key_file.json"
+_TOKEN_RENEW_AT = 0.8  # renew the inference key after this fraction of its lifetime
+_TOKEN_MIN_S = 2  # TorchServe keeps whole seconds: a shorter lifetime expires keys at once
+_TOKEN_RETRY_S = 2.0  # after a failed renewal, the next try
+_TOKEN_HTTP_TIMEOUT_S = 2.0  # loopback: TorchServe answers in milliseconds
+_SUPERVISE_TICK_S = 0.25  # how often the supervisor looks at the launcher
+_PING_EVERY_S = 2.0
+_PING_TIMEOUT_S = 2.0
+_PING_FAILURES = 3  # Pings failed in a row before a running TorchServe counts as dead
+_RESTART_BACKOFF_MIN_S = 1.0
+_STABLE_AFTER_S = 60.0  # serving this long after a restart resets the restart back-off
+_RESTARTING = "TORCHSERVE_RESTARTING"
+_NO_WORKER = "NO_WORKER"
 
 
 class TorchServeError(RuntimeError):
     """TorchServe did not start (the message carries the tail of its log) or answered oddly."""
+
+
+class _ChannelClosed(grpc.RpcError):
+    """A call that the supervisor's closing of the channel cancelled (a restart): it failed like
+    any call to a TorchServe that went away, UNAVAILABLE."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the channel to TorchServe was closed (a restart or stop)"
 
 
 @cache
@@ -94,18 +137,40 @@ def _describe(err: grpc.RpcError) -> str:
     return details or str(err.code())  # type: ignore[attr-defined]
 
 
-def _map_error(err: grpc.RpcError, model: str) -> Exception:
+def _map_error(err: grpc.RpcError, model: str, in_flight: int = 1) -> Exception:
     """TorchServe's gRPC error → our vocabulary. Measured against TorchServe 0.12.0:
     handler ``PredictionException(msg, 400)`` → INVALID_ARGUMENT; handler crash → UNAVAILABLE
-    "Prediction failed"; unknown model/version and a full queue → INTERNAL; MemoryError/CUDA →
-    INTERNAL "Out of resources" (507); a request over ``max_request_size`` → CANCELLED."""
+    "Prediction failed"; the worker process dying under a batch → "Worker died."
+    (RESOURCE_EXHAUSTED when it exited 137, i.e. SIGKILL, which TorchServe takes for the OOM
+    killer; INTERNAL for any other exit, as the frontend's code reads); no worker and a full job
+    queue → both INTERNAL "Model ... has no worker to serve inference request"
+    (``ModelManager.addJob`` answers false for either), told apart here by the number of our
+    calls in flight for the model (``in_flight``, this one included); unknown model/version →
+    INTERNAL "Model not found"; MemoryError/CUDA → INTERNAL "Out of resources" (507); a request
+    over ``max_request_size`` → CANCELLED; a refused token → PERMISSION_DENIED "Token
+    Authorization failed" (``_call`` renews it first)."""
     code, message = err.code(), _describe(err)  # type: ignore[attr-defined]
     meta = {"backend": "torchserve", "model": model}
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(message, reason="BAD_BATCH")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"TorchServe did not answer in time ({model})")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "has no worker to serve" in message:
+    if message.startswith("Worker died"):
+        return Unavailable(
+            f"TorchServe's worker for {model} died running this batch (TorchServe restarts it); "
+            "retry",
+            reason=_NO_WORKER,
+            metadata=meta,
+        )
+    if "has no worker to serve" in message:
+        if in_flight > _JOB_QUEUE_SIZE:
+            return ResourceExhausted(f"TorchServe's job queue for {model} is full", metadata=meta)
+        return Unavailable(
+            f"TorchServe has no worker for {model} right now; retry",
+            reason=_NO_WORKER,
+            metadata=meta,
+        )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhausted(f"TorchServe cannot take more work for {model}", metadata=meta)
     if "Out of resources" in message:
         return ResourceExhausted(f"TorchServe ran out of memory running {model}", metadata=meta)
@@ -122,6 +187,15 @@ def _map_error(err: grpc.RpcError, model: str) -> Exception:
     return TorchServeError(f"TorchServe answered {code.name}: {message}")
 
 
+@dataclass(frozen=True)
+class _Keys:
+    """What ``key_file.json`` holds that we use."""
+
+    inference: str
+    api: str  # authorizes the token API; never expires
+    expires: float | None  # the inference key's expiry (epoch seconds), if TorchServe wrote it
+
+
 class TorchServeBackend(Backend):
     name = "torchserve"
 
@@ -131,34 +205,50 @@ class TorchServeBackend(Backend):
         self.log_path = self.workdir / "torchserve.log"
         self._specs: list[ModelSpec] | None = None
         self._models: dict[str, EmbeddingModel] = {}
+        self._archive_paths: list[Path] = []
+        self._java_path: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: Path | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
-        self._key: str | None = None
         self._ready = False
         self.startup_seconds: float | None = None
+        # the token (see the module docstring)
+        self._key: str | None = None
+        self._api_key: str | None = None
+        self._key_lock = asyncio.Lock()
+        self._renew_at: float | None = None  # epoch seconds of the next proactive renewal
+        self._renewal_failing = False  # logged once until a renewal succeeds
+        # supervision
+        self._supervisor: asyncio.Task[None] | None = None
+        self._down_since: float | None = None  # monotonic; set while TorchServe is restarting
+        self._serving_since = 0.0  # monotonic
+        self._restarted = False  # the last start was a restart
+        self._backoff_s = _RESTART_BACKOFF_MIN_S
+        self._in_flight: Counter[str] = Counter()
+        self.restarts = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         specs = self._discover()
-        archives = self._archives(specs)
-        java = self._java()
-        self._prepare_workdir()
-        config = self._write_config(archives)
+        self._archive_paths = self._archives(specs)
+        self._java_path = self._java()
+        if self._token_lifetime_s() < _TOKEN_MIN_S:
+            raise TorchServeError(
+                "--torchserve-token-expiration-min / QUOTIENT_TORCHSERVE_TOKEN_EXPIRATION_MIN: "
+                f"{self.settings.torchserve_token_expiration_min} min is under {_TOKEN_MIN_S} s"
+            )
         began = time.monotonic()
         try:
-            self._launch(config, archives[0].parent, java)
-            await self._connect()
-            await self._wait_until_serving(
-                specs, began + self.settings.torchserve_startup_timeout_s
-            )
+            await self._bring_up(began)
         except BaseException:
             await self.stop()
             raise
         self.startup_seconds = time.monotonic() - began
         self.models()
         self._ready = True
+        self._serving_since = time.monotonic()
+        self._supervisor = asyncio.create_task(self._supervise(), name="torchserve-supervisor")
         log.info(
             "TorchServe serving %s after %.1f s (log: %s)",
             ", ".join(s.name for s in specs),
@@ -168,17 +258,19 @@ class TorchServeBackend(Backend):
 
     async def stop(self) -> None:
         self._ready = False
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel, self._stub = None, None
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        self._down_since = None
+        await self._close_channel()
         if self._proc is not None:
             await _terminate_group(self._proc, _STOP_GRACE_S)
             atexit.unregister(self._kill_now)
             log.info("TorchServe stopped (log: %s)", self.log_path)
             self._proc = None
-        if self._tmp is not None and not self._tmp.is_relative_to(self.workdir):
-            shutil.rmtree(self._tmp, ignore_errors=True)
-        self._tmp = None
+        self._remove_tmp()
 
     def models(self) -> dict[str, EmbeddingModel]:
         if not self._models:
@@ -187,6 +279,8 @@ class TorchServeBackend(Backend):
         return dict(self._models)
 
     async def run(self, model_name: str, payload: bytes) -> bytes:
+        if self._is_down():
+            raise self._restarting(model_name)
         if not self._ready or self._stub is None:
             raise Unavailable("the TorchServe backend is not running")
         if model_name not in self._models:
@@ -199,17 +293,21 @@ class TorchServeBackend(Backend):
             )
         pb2, _ = inference_stubs()
         request = pb2.PredictionsRequest(model_name=model_name, input={"body": payload})
+        self._in_flight[model_name] += 1
         try:
             response = await self._call(
                 self._stub.Predictions, request, self.settings.request_timeout_s
             )
         except grpc.RpcError as err:
-            raise _map_error(err, model_name) from None
+            if self._is_down():  # died under this call (the supervisor may not know yet)
+                raise self._restarting(model_name) from None
+            raise _map_error(err, model_name, self._in_flight[model_name]) from None
+        finally:
+            self._in_flight[model_name] -= 1
         return bytes(response.prediction)
 
     async def ready(self) -> bool:
-        alive = self._proc is not None and self._proc.poll() is None
-        return self._ready and alive and await self._healthy(timeout=2.0)
+        return self._ready and not self._is_down() and await self._healthy(timeout=2.0)
 
     # ------------------------------------------------------------------ start-up steps
     def _discover(self) -> list[ModelSpec]:
@@ -239,17 +337,35 @@ class TorchServeBackend(Backend):
             )
         return Path(found).resolve()
 
+    async def _bring_up(self, began: float) -> None:
+        """Launch TorchServe and wait until every model answers (``start`` and each restart)."""
+        assert self._java_path is not None and self._archive_paths
+        self._forget_keys()
+        self._prepare_workdir()
+        config = self._write_config(self._archive_paths)
+        self._launch(config, self._archive_paths[0].parent, self._java_path)
+        await self._connect()
+        await self._wait_until_serving(
+            self._discover(), began + self.settings.torchserve_startup_timeout_s
+        )
+
     def _prepare_workdir(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         # A stale key file would hand us an old token; stale sockets and pid files confuse
         # TorchServe.
-        (self.workdir / "key_file.json").unlink(missing_ok=True)
+        (self.workdir / _KEY_FILE).unlink(missing_ok=True)
+        self._remove_tmp()
         tmp = self.workdir / "tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if len(str(tmp)) > _SOCKET_PATH_MAX - 20:
             tmp = Path(tempfile.mkdtemp(prefix="quotient-ts-"))
         tmp.mkdir(parents=True, exist_ok=True)
         self._tmp = tmp
+
+    def _remove_tmp(self) -> None:
+        if self._tmp is not None and not self._tmp.is_relative_to(self.workdir):
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp = None
 
     def _write_config(self, archives: list[Path]) -> Path:
         s = self.settings
@@ -267,11 +383,14 @@ class TorchServeBackend(Backend):
             "enable_model_api": "false",
             "allowed_urls": f"file://{store}/.*",
             "disable_token_authorization": "false",
+            # read as a double; keys live int(minutes * 60) seconds
+            "token_expiration_min": repr(float(s.torchserve_token_expiration_min)),
             "metrics_mode": "prometheus",
             "disable_system_metrics": "true",  # our service exports its own process metrics
             "max_request_size": s.max_message_bytes,
             "max_response_size": s.max_message_bytes,
             "default_workers_per_model": s.torchserve_workers_per_model,
+            "job_queue_size": _JOB_QUEUE_SIZE,
         }
         path = self.workdir / "config.properties"
         body = "".join(f"{k}={v}\n" for k, v in lines.items())
@@ -309,6 +428,7 @@ class TorchServeBackend(Backend):
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        atexit.unregister(self._kill_now)
         atexit.register(self._kill_now)
         log.info("TorchServe starting (pid %d, log: %s)", self._proc.pid, self.log_path)
 
@@ -320,10 +440,18 @@ class TorchServeBackend(Backend):
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.enable_http_proxy", 0),  # loopback: never through $http_proxy
+                # a restarted TorchServe is back within seconds: reconnect soon, not after 2 min
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 2000),
             ],
         )
         _, services = inference_stubs()
         self._stub = services.InferenceAPIsServiceStub(self._channel)
+
+    async def _close_channel(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel, self._stub = None, None
 
     async def _wait_until_serving(self, specs: list[ModelSpec], deadline: float) -> None:
         pending = {s.name: warmup_payload(load_model(s.directory, engine=None)) for s in specs}
@@ -363,25 +491,220 @@ class TorchServeBackend(Backend):
             if pending:
                 await asyncio.sleep(0.25)
 
-    # ------------------------------------------------------------------ calls
-    def _read_key(self) -> str | None:
+    # ------------------------------------------------------------------ supervision
+    def _is_down(self) -> bool:
+        """Whether TorchServe is restarting, or has died and the supervisor is about to notice."""
+        if self._down_since is not None:
+            return True
+        started = self._supervisor is not None
+        return started and (self._proc is None or self._proc.poll() is not None)
+
+    def _restarting(self, model: str) -> Unavailable:
+        down = 0.0 if self._down_since is None else time.monotonic() - self._down_since
+        return Unavailable(
+            f"TorchServe is restarting (down for {down:.1f} s); retry shortly",
+            reason=_RESTARTING,
+            metadata={"backend": "torchserve", "model": model},
+        )
+
+    async def _supervise(self) -> None:
+        """Keep TorchServe serving: renew the token before it expires, restart TorchServe when
+        it dies. Runs from ``start()`` until ``stop()`` cancels it; never stops on an error."""
+        next_ping = time.monotonic() + _PING_EVERY_S
+        unanswered: list[str] = []
+        while True:
+            wait = _SUPERVISE_TICK_S
+            if self._renew_at is not None:
+                wait = min(wait, max(self._renew_at - time.time(), 0.0))
+            await asyncio.sleep(wait)
+            try:
+                death = self._death()
+                if death is None and time.monotonic() >= next_ping:
+                    next_ping = time.monotonic() + _PING_EVERY_S
+                    error = await self._ping_error()
+                    unanswered = [*unanswered, error] if error else []
+                    if len(unanswered) >= _PING_FAILURES:
+                        death = f"{len(unanswered)} Pings in a row failed, last: {error}"
+                if death is not None:
+                    unanswered = []
+                    await self._restart(death)
+                    next_ping = time.monotonic() + _PING_EVERY_S
+                elif not unanswered and self._renew_at and time.time() >= self._renew_at:
+                    await self._renew_key(self._key, why="due")  # (not while Ping goes unanswered)
+            except Exception:  # the supervisor must outlive anything that goes wrong in it
+                log.exception("TorchServe supervisor step failed")
+                await asyncio.sleep(1.0)
+
+    def _death(self) -> str | None:
+        """Why TorchServe is dead, or None while its launcher runs (in --foreground it exits as
+        soon as the JVM does)."""
+        if self._proc is None:
+            return "no process"
+        code = self._proc.poll()
+        return None if code is None else f"exit code {code}"
+
+    async def _ping_error(self) -> str | None:
+        """None when Ping is answered (Healthy or not: workers restart on their own)."""
+        if self._stub is None:
+            return "no channel"
+        from google.protobuf import empty_pb2
+
         try:
-            keys = json.loads((self.workdir / "key_file.json").read_text())
-            return str(keys["inference"]["key"])
+            await self._call(self._stub.Ping, empty_pb2.Empty(), _PING_TIMEOUT_S)
+            return None
+        except grpc.RpcError as err:
+            return f"{err.code().name} {_describe(err)}"  # type: ignore[attr-defined]
+
+    async def _restart(self, death: str) -> None:
+        """Bring a dead TorchServe back: after a back-off that doubles while it keeps dying;
+        until then ``run()`` answers TORCHSERVE_RESTARTING."""
+        self._ready = False
+        self._down_since = time.monotonic()
+        recently = self._restarted and self._down_since - self._serving_since < _STABLE_AFTER_S
+        cap = self.settings.torchserve_restart_backoff_max_s
+        delay = min(self._backoff_s * 2, cap) if recently else min(_RESTART_BACKOFF_MIN_S, cap)
+        kept = self.log_path.with_name(self.log_path.name + ".1")
+        with contextlib.suppress(OSError):
+            self.log_path.replace(kept)
+        log.error(
+            "TorchServe died (%s); restarting in %.0f s (log of the run that died: %s)",
+            death,
+            delay,
+            kept,
+        )
+        attempt = 0
+        while True:
+            await asyncio.sleep(delay)
+            attempt += 1
+            try:
+                await self._relaunch()
+                break
+            except Exception as err:  # any failure is one more try, never the end of it
+                delay = min(delay * 2, cap)
+                first = str(err).split("\n", 1)[0]
+                log.warning(
+                    "TorchServe restart %d failed (%s); next try in %.0f s", attempt, first, delay
+                )
+        self._backoff_s = delay
+        self._restarted = True
+        self.restarts += 1
+        self._serving_since = time.monotonic()
+        downtime = self._serving_since - self._down_since
+        self._down_since = None
+        self._ready = True
+        log.info(
+            "TorchServe serving again after %.1f s down (%d attempt%s)",
+            downtime,
+            attempt,
+            "" if attempt == 1 else "s",
+        )
+
+    async def _relaunch(self) -> None:
+        if self._proc is not None:  # what is left: an orphaned JVM or worker, a hung JVM
+            await _terminate_group(self._proc, 0.0, signal.SIGKILL)
+        await self._close_channel()
+        await self._bring_up(time.monotonic())
+
+    # ------------------------------------------------------------------ calls and the token
+    def _token_lifetime_s(self) -> int:
+        return int(self.settings.torchserve_token_expiration_min * 60)  # as TorchServe does
+
+    def _read_keys(self) -> _Keys | None:
+        path = self.workdir / _KEY_FILE
+        try:
+            keys = json.loads(path.read_text())
+            inference = keys["inference"]
+            expires: float | None
+            try:
+                expires = datetime.fromisoformat(inference["expiration time"]).timestamp()
+            except (KeyError, TypeError, ValueError):
+                expires = path.stat().st_mtime + self._token_lifetime_s()
+            return _Keys(str(inference["key"]), str(keys["API"]["key"]), expires)
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _use_keys(self, keys: _Keys) -> None:
+        self._key, self._api_key = keys.inference, keys.api
+        lifetime = self._token_lifetime_s()
+        expires = keys.expires if keys.expires is not None else time.time() + lifetime
+        self._renew_at = expires - (1 - _TOKEN_RENEW_AT) * lifetime
+
+    def _forget_keys(self) -> None:
+        self._key = self._api_key = self._renew_at = None
+        self._renewal_failing = False
+
+    async def _renew_key(self, stale: str | None, why: str) -> None:
+        """Replace the inference key ``stale``: with the one in key_file.json if TorchServe wrote
+        a new one (a restart), else through the token API. One renewal at a time; a call refused
+        with a key that another renewal has replaced only picks up the new key."""
+        async with self._key_lock:
+            if self._key != stale:
+                return
+            keys = self._read_keys()
+            if keys is None:  # TorchServe is starting (no key file yet)
+                return
+            if keys.inference != stale:
+                self._use_keys(keys)
+                return
+            try:
+                await asyncio.to_thread(self._post_token, keys.api)
+                renewed = self._read_keys()
+                if renewed is None or renewed.inference == stale:
+                    raise TorchServeError(f"{_KEY_FILE} holds no new inference key")
+            except (OSError, TorchServeError) as err:
+                self._renew_at = time.time() + _TOKEN_RETRY_S
+                if not self._renewal_failing:
+                    self._renewal_failing = True
+                    log.error(
+                        "could not renew TorchServe's inference token (%s): %s; calls fail once "
+                        "it expires (log: %s)",
+                        why,
+                        err,
+                        self.log_path,
+                    )
+                return
+            self._renewal_failing = False
+            self._use_keys(renewed)
+            left = "?" if renewed.expires is None else f"{renewed.expires - time.time():.0f}"
+            log.info("TorchServe inference token renewed (%s; valid for %s s)", why, left)
+
+    def _post_token(self, api_key: str) -> None:
+        """TorchServe 0.12's token API: a new inference key, written into key_file.json."""
+        url = f"http://127.0.0.1:{self.settings.torchserve_management_port}/token?type=inference"
+        request = urllib.request.Request(
+            url, method="POST", headers={"Authorization": f"Bearer {api_key}"}
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback
+        try:
+            with opener.open(request, timeout=_TOKEN_HTTP_TIMEOUT_S) as answer:
+                answer.read()
+        except urllib.error.HTTPError as err:
+            body = err.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, AttributeError):
+                body = str(json.loads(body).get("message", body))
+            raise TorchServeError(f"the token API answered {err.code}: {body.strip()}") from None
+
     async def _call(self, method: Callable[..., Any], request: Any, timeout: float) -> Any:
-        """A unary call with the inference token; a refused token is re-read once (expiry)."""
+        """A unary call with the inference token; a refused token is renewed (or re-read from
+        key_file.json), then the call is retried once."""
+        if self._key is None:
+            keys = self._read_keys()
+            if keys is not None:
+                self._use_keys(keys)
         for attempt in (0, 1):
-            if self._key is None or attempt:
-                self._key = self._read_key()
-            metadata = (("authorization", f"Bearer {self._key}"),) if self._key else ()
+            key = self._key
+            metadata = (("authorization", f"Bearer {key}"),) if key else ()
             try:
                 return await method(request, timeout=timeout, metadata=metadata)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():  # our caller is being cancelled
+                    raise
+                raise _ChannelClosed() from None
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.PERMISSION_DENIED or attempt:  # type: ignore[attr-defined]
                     raise
+                await self._renew_key(key, why="refused")
         raise AssertionError("unreachable")
 
     async def _healthy(self, timeout: float) -> bool:
@@ -457,10 +780,13 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-async def _terminate_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM the group (launcher, JVM, workers), SIGKILL what is left after ``grace_s``."""
+async def _terminate_group(
+    proc: subprocess.Popen[bytes], grace_s: float, first: signal.Signals = signal.SIGTERM
+) -> None:
+    """Send ``first`` to the group (launcher, JVM, workers), SIGKILL what is left after
+    ``grace_s``."""
     pgid = proc.pid  # start_new_session: the launcher leads its own group
-    _signal_group(pgid, signal.SIGTERM)
+    _signal_group(pgid, first)
     for sig_deadline, sig in ((grace_s, signal.SIGKILL), (5.0, None)):
         end = time.monotonic() + sig_deadline
         while time.monotonic() < end:
@@ -470,6 +796,7 @@ async def _terminate_group(proc: subprocess.Popen[bytes], grace_s: float) -> Non
             await asyncio.sleep(0.1)
         if sig is None:
             break
-        log.warning("TorchServe did not stop within %.0f s; killing it", grace_s)
+        if first != signal.SIGKILL:
+            log.warning("TorchServe did not stop within %.0f s; killing it", grace_s)
         _signal_group(pgid, sig)
     raise TorchServeError(f"TorchServe processes of group {pgid} survived SIGKILL")
