@@ -1,7 +1,8 @@
 """The reliability suite: a real ``quotient-server`` (embedded backend, the committed models) on
 loopback, driven past its capacity, shut down with calls in flight and fed very large requests.
 Bounded in time and in calls, it stops by itself and prints its figures. TorchServe's fault
-injections (token expiry, worker and JVM kills) are in tests/integration/test_torchserve_faults.py.
+injections (token expiry, a hung JVM; worker and JVM kills under load) are in
+tests/integration/test_torchserve_backend.py and test_torchserve_service.py.
 
 Every answer is checked against the embedding of the same input computed at idle: a response that
 is not its own request's (wrong rows, wrong model, wrong request_id) fails the suite, and so does a
