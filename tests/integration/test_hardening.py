@@ -320,3 +320,25 @@ def test_a_non_finite_model_output_is_never_sent(start_service, png, digits, cap
     lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(lines) == 1 and call in lines[0] and "non-finite values for inputs [1]" in lines[0]
     assert stub(service.target).Embed(images(png(digits(0)), 3), timeout=30).embeddings
+
+
+def test_a_stream_message_over_the_limit_is_answered_and_the_stream_goes_on(
+    service, counted, black, png, digits
+):
+    """Each EmbedStream message is admitted on its own: one over --max-inflight-items gets its
+    RESOURCE_EXHAUSTED answer in the stream, the next is served."""
+    small = png(digits(3))
+    requests = [
+        pb.EmbedRequest(model=IMAGE, request_id="over", inputs=images(small, 20).inputs),
+        pb.EmbedRequest(model=IMAGE, request_id="fits", inputs=images(small, 4).inputs),
+    ]
+    with ThreadPoolExecutor(1) as pool:
+        large = pool.submit(stub(service.target).Embed, images(black, 48), timeout=120)
+        wait_for(lambda: counted.count >= 1)
+        s = stub(service.target)
+        answers = list(s.EmbedStream(iter(requests), timeout=60))  # stream_concurrency 8
+        large.result(120)
+    assert [a.request_id for a in answers] == ["over", "fits"]
+    assert answers[0].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "--max-inflight-items" in answers[0].error.message
+    assert len(answers[1].response.embeddings) == 4

@@ -305,3 +305,85 @@ def outcome(stub: pb_grpc.EmbeddingServiceStub, request: pb.EmbedRequest) -> str
         return "OK"
     except grpc.RpcError as err:
         return err.code().name
+
+
+def test_a_mix_of_embed_streams_and_decode_stays_correct_and_bounded(server, inputs, channel):
+    """Large image requests, molecule streams and 100-row Decode calls at once for 6 s: every
+    answer is its own, every refusal is for load, and memory stays bounded."""
+    launched, target = server()
+    stub = pb_grpc.EmbeddingServiceStub(channel(target))
+    ref = reference(stub, inputs)
+    noise = np.random.default_rng(5).integers(0, 256, (1024, 1024), dtype=np.uint8)
+    large = pb.EmbedRequest(
+        model="rotmnist-c8", inputs=[pb.Input(image=pb.Image(data=encode_png(noise)))] * 12
+    )
+    large_row = np.array(stub.Embed(large, timeout=60).embeddings[0].values)
+    molecules = [k for k, r in enumerate(ref.requests) if r.model == "qm9-vae"]
+    rows = [pb.Embedding(values=ref.values[k][0]) for k in molecules]
+    decode = pb.DecodeRequest(model="qm9-vae", embeddings=(rows * 7)[:100])
+    expected = [d.smiles for d in stub.Decode(decode, timeout=60).molecules]
+    outcomes: Counter[str] = Counter()
+    lock, stop = threading.Lock(), threading.Event()
+    baseline, sampler = rss_mb(launched.proc.pid), RssSampler(launched.proc.pid)
+
+    def count(key: str) -> None:
+        with lock:
+            outcomes[key] += 1
+
+    def large_images() -> None:
+        while not stop.is_set():
+            try:
+                answer = stub.Embed(large, timeout=10)
+                got = np.array([e.values for e in answer.embeddings])
+                assert got.shape[0] == 12
+                np.testing.assert_allclose(got, np.repeat(large_row[None], 12, 0), atol=1e-5)
+                count("Embed OK")
+            except grpc.RpcError as err:
+                count(f"Embed {err.code().name}")
+
+    def streams() -> None:
+        while not stop.is_set():
+            order = [molecules[k % len(molecules)] for k in range(24)]
+            try:
+                for k, answer in zip(
+                    order,
+                    stub.EmbedStream(iter([ref.requests[k] for k in order]), timeout=20),
+                    strict=True,
+                ):
+                    if answer.HasField("error"):
+                        count(f"EmbedStream {grpc.StatusCode(_code(answer.error.code)).name}")
+                    else:
+                        ref.check(k, answer.response)
+                        count("EmbedStream OK")
+            except grpc.RpcError as err:
+                count(f"EmbedStream call {err.code().name}")
+
+    def decodes() -> None:
+        while not stop.is_set():
+            try:
+                answer = stub.Decode(decode, timeout=10)
+                assert [d.smiles for d in answer.molecules] == expected
+                count("Decode OK")
+            except grpc.RpcError as err:
+                count(f"Decode {err.code().name}")
+
+    with ThreadPoolExecutor(12) as pool:
+        workers = [pool.submit(f) for f in [large_images] * 4 + [streams] * 4 + [decodes] * 4]
+        time.sleep(6.0)
+        stop.set()
+        for w in workers:
+            w.result(60)  # re-raises a wrong answer
+    sampler.stop()
+    print(
+        f"\nmixed load for 6 s: {dict(outcomes)}; server RSS {baseline:.0f} MB before, peak "
+        f"{sampler.peak:.0f} MB"
+    )
+    load = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+    assert all(k.rsplit(" ", 1)[1] in load for k in outcomes), outcomes
+    assert all(outcomes[f"{m} OK"] > 0 for m in ("Embed", "EmbedStream", "Decode")), outcomes
+    assert sampler.peak < baseline + 1000, "memory grew under the mix"
+    no_faults_logged(launched.output())
+
+
+def _code(number: int) -> tuple[int, str]:
+    return next(c.value for c in grpc.StatusCode if c.value[0] == number)
