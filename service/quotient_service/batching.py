@@ -101,6 +101,7 @@ class _Queue:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
     running: set[asyncio.Task[None]] = field(default_factory=set)
+    full_rate: float = 0.0  # items/s of full batches (moving average); 0 until one ran
 
 
 class Batcher:
@@ -135,7 +136,9 @@ class Batcher:
                 metadata={"queued": self._queued, "limit": self.settings.max_queue_items},
                 retry_after_s=hint,
             )
-        queue, request = self._queue(model, projection), _Request(len(items), deadline)
+        queue = self._queue(model, projection)
+        self._check_wait(queue, deadline)
+        request = _Request(len(items), deadline)
         queue.entries.extend(
             _Entry(request, i, item, model.item_cost(item)) for i, item in enumerate(items)
         )
@@ -149,6 +152,25 @@ class Batcher:
             ) from None
         finally:  # finished, failed, timed out or cancelled by the client: leave the queue
             self._discard(queue, request)
+
+    def _check_wait(self, queue: _Queue, deadline: float) -> None:
+        """Refuse at once a call that would wait in a backlog longer than its deadline allows,
+        instead of letting it wait and expire: under overload the server then spends its time
+        on calls that can still be answered. The wait is estimated from the backlog and the
+        measured speed of full batches (there is no estimate before a full batch has run)."""
+        backlog, rate = len(queue.entries), queue.full_rate * self.settings.model_workers
+        if rate <= 0 or backlog < self.settings.max_batch_items:
+            return
+        wait, remaining = backlog / rate, deadline - time.monotonic()
+        if wait > remaining:
+            name = queue.model.spec.name
+            raise ResourceExhausted(
+                f"server overloaded: about {wait:.2f} s of queued work for {name!r}, more than "
+                f"the {max(remaining, 0):.2f} s left to the call; retry with backoff",
+                reason="QUEUE_TOO_LONG",
+                metadata={"queued": backlog, "model": name},
+                retry_after_s=min(10.0, max(0.05, wait - max(remaining, 0))),
+            )
 
     async def stop(self) -> None:
         """Cancel the workers and fail every request still waiting (Unavailable)."""
@@ -266,6 +288,9 @@ class Batcher:
         self.metrics.inference.labels(name).observe(seconds)
         self.metrics.items.labels(name).inc(len(batch))
         self.throughput.record(len(batch))
+        if len(batch) >= self.settings.max_batch_items and seconds > 0:
+            speed = len(batch) / seconds
+            queue.full_rate = speed if not queue.full_rate else 0.8 * queue.full_rate + 0.2 * speed
         info = (next(_batch_ids), len(batch), seconds)
         for row, entry in enumerate(batch):
             pose = None if out.poses is None else float(out.poses[row])

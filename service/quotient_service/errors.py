@@ -295,11 +295,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 self._observe(name, request, grpc.StatusCode.CANCELLED, start)
                 raise
             except Exception as exc:
-                status = to_status(exc)
+                status = _final(to_status(exc), context)
                 self._observe(name, request, grpc_code(status), start)
-                if _gone(context):  # nobody to answer: the client's deadline has passed
-                    log.debug("call %s: %s ended by its deadline first", CALL_ID.get(), name)
-                    raise asyncio.CancelledError from None
                 await context.abort_with_status(rpc_status.to_status(status))
             self._observe(name, request, grpc.StatusCode.OK, start)
             return response
@@ -334,19 +331,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 )
                 raise
             except Exception as exc:
-                status = to_status(exc)
-                if _gone(context):
-                    log.debug("call %s: %s ended by its deadline first", CALL_ID.get(), name)
-                    raise asyncio.CancelledError from None
+                status = _final(to_status(exc), context)
                 await context.abort_with_status(rpc_status.to_status(status))
 
         return wrapped
 
 
-def _gone(context: grpc.aio.ServicerContext) -> bool:
-    """Whether the call can no longer be answered (cancelled, or its deadline passed)."""
+def _final(status: status_pb2.Status, context: grpc.aio.ServicerContext) -> status_pb2.Status:
+    """The status to send: DEADLINE_EXCEEDED once the client's deadline has passed, whatever
+    failed meanwhile (the client sees that code anyway; the server must not contradict it)."""
     remaining = context.time_remaining()
-    return context.cancelled() or (remaining is not None and remaining <= 0)
+    if remaining is None or remaining > 0 or status.code == grpc.StatusCode.OK.value[0]:
+        return status
+    log.debug("call %s ended by its deadline first (%s)", CALL_ID.get(), status.message)
+    return to_status(DeadlineExceeded("the call's deadline passed"))
 
 
 class LateAnswerFilter(logging.Filter):

@@ -118,12 +118,21 @@ class App:
         self.metrics.close()
 
 
+_MAX_PENDING_CALLS = 20_000
+
+
 def _options(settings: Settings) -> list[tuple[str, int]]:
     size = settings.max_message_bytes
     options = [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),  # a second server on the port must fail, not share it
+        # calls gRPC has received but the event loop has not taken yet: gRPC's defaults (1,000
+        # soft, 3,000 hard) cancel the excess, which clients see as a bare CANCELLED. Waiting
+        # calls hold no message yet; they end by their deadline (DEADLINE_EXCEEDED) or are
+        # taken and admitted or refused (RESOURCE_EXHAUSTED) like any call
+        ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
     ]
     if settings.max_connection_age_s > 0:
         age_ms = int(settings.max_connection_age_s * 1000)
