@@ -211,3 +211,31 @@ def test_stop_fails_waiting_requests():
                 await asyncio.wait_for(task, 1.0)
 
     run(main())
+
+
+def test_a_call_that_would_outwait_its_deadline_in_the_backlog_is_refused_at_once():
+    """After full batches have run slowly, a backlog of several batches means a call with a
+    short deadline cannot be served in time: QUEUE_TOO_LONG at once, with a retry hint; a call
+    with a long deadline still queues."""
+
+    class Slow(FakeBackend):
+        async def run(self, model_name: str, payload: bytes) -> bytes:
+            await asyncio.sleep(0.1)  # 4 items per 0.1 s: 40 items/s
+            return await super().run(model_name, payload)
+
+    async def main():
+        model = FakeModel()
+        batcher = Batcher(Slow(model), Settings(max_batch_items=4, max_batch_delay_ms=1.0))
+        await batcher.submit(model, "p", items(1, 2, 3, 4), later())  # one full batch: a speed
+        backlog = asyncio.ensure_future(batcher.submit(model, "p", items(*range(16)), later()))
+        await asyncio.sleep(0.01)  # 12+ items queued: ~0.3 s of work
+        with pytest.raises(ResourceExhausted) as caught:
+            await batcher.submit(model, "p", items(9), time.monotonic() + 0.05)
+        assert not backlog.done()  # refused while the backlog was still there, not after waiting
+        assert caught.value.reason == "QUEUE_TOO_LONG"
+        assert 0.05 <= caught.value.retry_after_s <= 10
+        assert len((await batcher.submit(model, "p", items(9), later())).values) == 1
+        assert len((await backlog).values) == 16
+        await batcher.stop()
+
+    run(main())
