@@ -28,6 +28,7 @@ from quotient_service.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from quotient_service.prepare import NOT_STARTED, PreparePool
@@ -74,6 +75,7 @@ class Engine:
         # in a model's threads by more than one chunk
         self._decoding: dict[str, asyncio.Semaphore] = {}
         self.ready = False  # set by the app once the backend has started
+        self._service_s: dict[str, float] = {}  # model → typical time of a small Embed call
 
     def close(self) -> None:
         self._pool.close()
@@ -121,6 +123,17 @@ class Engine:
         deadline = self.deadline(timeout)
         model = self.model(model_name)
         self._check_request(model, items)
+        small = len(items) <= self.settings.max_batch_items
+        typical = self._service_s.get(model.spec.name, 0.0) if small else 0.0
+        if timeout is not None and timeout < typical:
+            # under overload calls reach us late (they wait in gRPC for the event loop): one
+            # that cannot finish is refused before it costs decoding and a batch slot
+            raise ResourceExhausted(
+                f"{timeout:.3f} s left to the call, less than the {typical:.3f} s calls like it "
+                f"take now on {model.spec.name!r}; retry with backoff",
+                reason="DEADLINE_TOO_CLOSE",
+                retry_after_s=typical,
+            )
         try:
             chosen = model.resolve_projection(projection or None)
         except KeyError:
@@ -139,6 +152,9 @@ class Engine:
                 f"{bad[:10].tolist()}"
             )
         info = next(p for p in model.projections() if p.name == chosen)
+        if small:  # moving average of the time calls of at most one batch take, per model
+            took, name = time.monotonic() - start, model.spec.name
+            self._service_s[name] = 0.9 * self._service_s.get(name, took) + 0.1 * took
         return EmbedResult(
             model.spec.name,
             chosen,

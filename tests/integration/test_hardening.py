@@ -342,3 +342,21 @@ def test_a_stream_message_over_the_limit_is_answered_and_the_stream_goes_on(
     assert answers[0].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert "--max-inflight-items" in answers[0].error.message
     assert len(answers[1].response.embeddings) == 4
+
+
+def test_a_call_with_less_time_left_than_calls_take_is_refused_before_work(start_service):
+    """Under overload calls reach the servicer late; one whose remaining time is below what
+    calls like it take now is refused (retryable) before it costs decoding or a batch slot."""
+    from quotient_service.errors import ResourceExhausted
+
+    service = start_service()
+    engine, counted = service.app.engine, Counted(service, MOLECULE)
+    for _ in range(5):
+        service.lt.run(engine.embed(MOLECULE, [("molecule", b"CCO")], "", 30.0))
+    before = counted.count
+    with pytest.raises(ResourceExhausted) as caught:
+        service.lt.run(engine.embed(MOLECULE, [("molecule", b"CCO")], "", 1e-5))
+    assert caught.value.reason == "DEADLINE_TOO_CLOSE" and caught.value.retry_after_s > 0
+    assert counted.count == before
+    large = [("molecule", b"CCO")] * 100  # more than one batch: no such estimate, served
+    assert len(service.lt.run(engine.embed(MOLECULE, large, "", 30.0)).values) == 100
