@@ -52,6 +52,7 @@ def _data_field(kind: str | None, data: bytes) -> str:
 @dataclass(frozen=True)
 class EmbedResult:
     model: str
+    model_version: str
     projection: str
     invariant: bool
     values: np.ndarray  # [B, D] float32, request order
@@ -115,13 +116,35 @@ class Engine:
         token = _encode_token(page[-1]) if len(names) > size else ""
         return [models[n] for n in page], token
 
+    def pinned(self, name: str, version: str) -> EmbeddingModel:
+        """The model ``name``; with ``version`` (not empty), only if it is the version served."""
+        model = self.model(name)
+        if version and version != model.spec.version:
+            raise FailedPrecondition(
+                f"model {model.spec.name!r} is served at version {model.spec.version}, not "
+                f"{echo(version)!r}: embeddings of different versions are not comparable",
+                reason="MODEL_VERSION_MISMATCH",
+                metadata={
+                    "model": model.spec.name,
+                    "served_version": model.spec.version,
+                    "requested_version": echo(version),
+                },
+            )
+        return model
+
     async def embed(
-        self, model_name: str, items: list[Item], projection: str, timeout: float | None = None
+        self,
+        model_name: str,
+        items: list[Item],
+        projection: str,
+        timeout: float | None = None,
+        version: str = "",
     ) -> EmbedResult:
-        """Embed ``items`` with one model; ``timeout`` is the client's remaining time, if any."""
+        """Embed ``items`` with one model (at ``version``, when not empty); ``timeout`` is the
+        client's remaining time, if any."""
         start = time.monotonic()
         deadline = self.deadline(timeout)
-        model = self.model(model_name)
+        model = self.pinned(model_name, version)
         self._check_request(model, items)
         small = len(items) <= self.settings.max_batch_items
         typical = self._service_s.get(model.spec.name, 0.0) if small else 0.0
@@ -157,6 +180,7 @@ class Engine:
             self._service_s[name] = 0.9 * self._service_s.get(name, took) + 0.1 * took
         return EmbedResult(
             model.spec.name,
+            model.spec.version,
             chosen,
             info.invariant,
             result.values,
@@ -168,14 +192,18 @@ class Engine:
         )
 
     async def decode(
-        self, model_name: str, rows: list[np.ndarray], timeout: float | None = None
+        self,
+        model_name: str,
+        rows: list[np.ndarray],
+        timeout: float | None = None,
+        version: str = "",
     ) -> list[tuple[str, str]]:
         """Decode embeddings of ``model_name``'s default projection → (canonical SMILES, reason)
         per row, "" where absent. Runs as one backend batch, outside the batcher (decoding is
         rare) in chunks of ``DECODE_CHUNK_ROWS``, one chunk per model at a time; ``timeout`` is
         the client's remaining time, if any."""
         deadline = self.deadline(timeout)
-        model = self.model(model_name)
+        model = self.pinned(model_name, version)
         if not model.can_decode:
             raise FailedPrecondition(
                 f"model {model_name!r} has no decoder; Decode is served by molecule models",

@@ -49,7 +49,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> pb.EmbedResponse:
         with self.admission.admit("Embed", request.ByteSize(), len(request.inputs)):
             result = await self.engine.embed(
-                request.model, _items(request), request.projection, context.time_remaining()
+                request.model,
+                _items(request),
+                request.projection,
+                context.time_remaining(),
+                request.model_version,
             )
         return _embed_response(result, request.request_id)
 
@@ -76,11 +80,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> pb.DecodeResponse:
         with self.admission.admit("Decode", request.ByteSize(), len(request.embeddings)):
             rows = [np.asarray(e.values, dtype=np.float32) for e in request.embeddings]
-            decoded = await self.engine.decode(request.model, rows, context.time_remaining())
+            decoded = await self.engine.decode(
+                request.model, rows, context.time_remaining(), request.model_version
+            )
         return pb.DecodeResponse(
             molecules=[pb.DecodedMolecule(smiles=s, reason=r) for s, r in decoded],
             model=request.model,
             request_id=request.request_id,
+            model_version=self.engine.model(request.model).spec.version,
         )
 
     async def _answer(
@@ -194,6 +201,7 @@ def _embed_response(result: EmbedResult, request_id: str) -> pb.EmbedResponse:
             for i, row in enumerate(result.values)
         ],
         model=result.model,
+        model_version=result.model_version,
         projection=result.projection,
         invariant=result.invariant,
         request_id=request_id,

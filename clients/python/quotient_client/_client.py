@@ -236,6 +236,7 @@ class Client:
         *,
         model: str | None = ...,
         projection: str | None = ...,
+        model_version: str | None = ...,
         batch_size: int = ...,
         return_poses: Literal[False] = ...,
     ) -> np.ndarray: ...
@@ -246,6 +247,7 @@ class Client:
         *,
         model: str | None = ...,
         projection: str | None = ...,
+        model_version: str | None = ...,
         batch_size: int = ...,
         return_poses: Literal[True],
     ) -> tuple[np.ndarray, np.ndarray]: ...
@@ -256,6 +258,7 @@ class Client:
         *,
         model: str | None = ...,
         projection: str | None = ...,
+        model_version: str | None = ...,
         batch_size: int = ...,
         return_poses: bool,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
@@ -266,6 +269,7 @@ class Client:
         *,
         model: str | None = None,
         projection: str | None = None,
+        model_version: str | None = None,
         batch_size: int = 64,
         return_poses: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -276,9 +280,14 @@ class Client:
         defaults to the server's only image model; ``projection`` to the model's default. With
         ``return_poses`` the answer is ``(embeddings, poses)``, poses [n] float64 in degrees, NaN
         where the projection computes none. Bad local items raise ``ValueError`` (``TypeError``,
-        ``OSError`` for unreadable paths) naming the item's index.
+        ``OSError`` for unreadable paths) naming the item's index. ``model_version`` pins the
+        model's version: a server serving another raises ``FailedPreconditionError`` (reason
+        ``MODEL_VERSION_MISMATCH``); without it, a call whose requests were answered by
+        different versions (the server was upgraded meanwhile) raises ``QuotientError``.
         """
-        values, poses = self._embed("image", image_inputs(images), model, projection, batch_size)
+        values, poses = self._embed(
+            "image", image_inputs(images), model, projection, batch_size, model_version
+        )
         return (values, poses) if return_poses else values
 
     def embed_molecules(
@@ -287,24 +296,30 @@ class Client:
         *,
         model: str | None = None,
         projection: str | None = None,
+        model_version: str | None = None,
         batch_size: int = 256,
     ) -> np.ndarray:
         """Embed one molecule or an iterable of them → float32 array [n, dimension]. A molecule
         is a SMILES str, MolBlock or single-record SDF text (a str with line breaks), or an
-        RDKit ``Mol``. ``model`` defaults to the server's only molecule model."""
-        return self._embed("molecule", molecule_inputs(molecules), model, projection, batch_size)[0]
+        RDKit ``Mol``. ``model`` defaults to the server's only molecule model;
+        ``model_version`` as for ``embed_images``."""
+        inputs = molecule_inputs(molecules)
+        return self._embed("molecule", inputs, model, projection, batch_size, model_version)[0]
 
     def decode(
         self,
         embeddings: np.ndarray | Sequence[Sequence[float]],
         *,
         model: str | None = None,
+        model_version: str | None = None,
         batch_size: int = 256,
     ) -> list[DecodedMolecule]:
         """Decode embeddings of a model's default projection (rows of ``embed_molecules``'s
         answer) → one ``DecodedMolecule`` per row, in order: canonical SMILES, or ``reason`` when
         the decoded graph is not a valid molecule. ``model`` defaults to the server's only
-        molecule model; a model without a decoder raises ``FailedPreconditionError``."""
+        molecule model; a model without a decoder raises ``FailedPreconditionError``, and so
+        does a ``model_version`` the server does not serve (embeddings decode only with the
+        version that made them)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         rows = [np.asarray(row, np.float32).ravel() for row in embeddings]
@@ -316,7 +331,9 @@ class Client:
         for start in range(0, len(rows), per_request):
             chunk = rows[start : start + per_request]
             request = pb.DecodeRequest(
-                model=name, embeddings=[pb.Embedding(values=r.tolist()) for r in chunk]
+                model=name,
+                embeddings=[pb.Embedding(values=r.tolist()) for r in chunk],
+                model_version=model_version or "",
             )
             response = self._call(self._stub.Decode, request, offset=start)
             if len(response.molecules) != len(chunk):
@@ -334,23 +351,36 @@ class Client:
         model: str | None,
         projection: str | None,
         batch_size: int,
+        model_version: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         info = self._model(model, modality)
         limit = info.input_limits.max_inputs_per_request
         per_request = min(batch_size, limit) if limit > 0 else batch_size
-        values, poses = [], []
+        values, poses, versions = [], [], set()
         for start, chunk in chunk_inputs(
             inputs, per_request, self.max_message_bytes - _MESSAGE_SLACK
         ):
-            request = pb.EmbedRequest(model=info.name, inputs=chunk, projection=projection or "")
+            request = pb.EmbedRequest(
+                model=info.name,
+                inputs=chunk,
+                projection=projection or "",
+                model_version=model_version or "",
+            )
             try:
                 response = self._call(self._stub.Embed, request, offset=start)
             except ModelNotFoundError:  # the server's models changed: forget what we cached
                 self._models.pop(info.name, None)
                 self._defaults.clear()
                 raise
+            versions.add(response.model_version)
+            if len(versions) > 1:
+                raise QuotientError(
+                    f"model {info.name!r} changed version during this call "
+                    f"({', '.join(sorted(versions))}): its embeddings are not comparable; "
+                    "embed again, or pin model_version="
+                )
             chunk_values, chunk_poses = _decode(response, len(chunk))
             values.append(chunk_values)
             poses.append(chunk_poses)
