@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -19,6 +20,8 @@ from quotient_client._errors import (
     DeadlineExceededError,
     ModelNotFoundError,
     QuotientError,
+    ServerBusyError,
+    ServiceUnavailableError,
     error_from_rpc,
 )
 from quotient_client._health import health_check
@@ -39,6 +42,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 << 20  # the server's default --max-message-bytes
 _MESSAGE_SLACK = 64 << 10  # room for the request's other fields next to its inputs
 
 Metadata = Sequence[tuple[str, str]] | Mapping[str, str]
+
+
+_RETRYABLE = (ServiceUnavailableError, ServerBusyError)
 
 
 def _read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
@@ -107,7 +113,21 @@ class Client:
         tls_key_file: str | os.PathLike[str] | None = None,
         tls_server_name: str | None = None,
         load_balancing: str | None = None,
+        retries: int = 3,
+        retry_backoff: float = 0.1,
+        retry_backoff_max: float = 10.0,
     ) -> None:
+        if retries < 0 or retry_backoff < 0 or retry_backoff_max < retry_backoff:
+            raise ValueError(
+                "retries and retry_backoff must not be negative, and retry_backoff_max must be at "
+                f"least retry_backoff (got {retries}, {retry_backoff}, {retry_backoff_max})"
+            )
+        self.retries, self.retry_backoff, self.retry_backoff_max = (
+            retries,
+            retry_backoff,
+            retry_backoff_max,
+        )
+        self.retried = 0  # retries made so far, all calls together
         self.target, self.timeout, self.max_message_bytes = target, timeout, max_message_bytes
         pairs = list(metadata.items() if isinstance(metadata, Mapping) else (metadata or ()))
         api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -155,10 +175,21 @@ class Client:
         self._channel.close()
 
     def _call(self, method: Any, request: Any, offset: int = 0) -> Any:
-        try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, offset) from err
+        """One call; UNAVAILABLE and RESOURCE_EXHAUSTED are retried up to ``retries`` times,
+        after exponential backoff with full jitter, and at least the server's retry hint.
+        Nothing else is retried: a bad request stays bad."""
+        for attempt in itertools.count():
+            try:
+                return method(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as err:
+                error = error_from_rpc(err, offset)
+                if attempt >= self.retries or not isinstance(error, _RETRYABLE):
+                    raise error from err
+                ceiling = min(self.retry_backoff_max, self.retry_backoff * 2**attempt)
+                hint = error.retry_after or 0.0
+                time.sleep(min(self.retry_backoff_max, max(hint, random.uniform(0, ceiling))))
+                self.retried += 1
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ models and health
     def health(self, service: str = "") -> str:

@@ -56,6 +56,15 @@ class QuotientError(Exception):
         self.metadata = dict(metadata or {})
         self.details = tuple(details)
 
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds the server asks the client to wait before retrying (its
+        ``google.rpc.RetryInfo``), or None when it gave none."""
+        for detail in self.details:
+            if isinstance(detail, error_details_pb2.RetryInfo):
+                return float(detail.retry_delay.ToTimedelta().total_seconds())
+        return None
+
     def __str__(self) -> str:
         head = self.code.name if self.code is not None else "error"
         return f"{head}: {self.message}" + (f" [{self.reason}]" if self.reason else "")
@@ -115,7 +124,11 @@ _CLASSES: dict[grpc.StatusCode, type[QuotientError]] = {
 
 
 def _unpack(packed: Any) -> Any:
-    for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
+    for cls in (
+        error_details_pb2.ErrorInfo,
+        error_details_pb2.BadRequest,
+        error_details_pb2.RetryInfo,
+    ):
         if packed.Is(cls.DESCRIPTOR):
             message = cls()
             packed.Unpack(message)
