@@ -199,9 +199,9 @@ class Engine:
         version: str = "",
     ) -> list[tuple[str, str]]:
         """Decode embeddings of ``model_name``'s default projection → (canonical SMILES, reason)
-        per row, "" where absent. Runs as one backend batch, outside the batcher (decoding is
-        rare) in chunks of ``DECODE_CHUNK_ROWS``, one chunk per model at a time; ``timeout`` is
-        the client's remaining time, if any."""
+        per row, "" where absent. Runs outside the batcher (decoding is rare), in backend batches
+        of ``DECODE_CHUNK_ROWS`` rows, one per model at a time; ``timeout`` is the client's
+        remaining time, if any."""
         deadline = self.deadline(timeout)
         model = self.pinned(model_name, version)
         if not model.can_decode:

@@ -23,8 +23,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from quotient_models.errors import InputError
-
 __all__ = ["NOT_STARTED", "PreparePool"]
 
 NOT_STARTED: Any = object()  # the result of an item that was never started (its job stopped)
@@ -142,9 +140,7 @@ class PreparePool:
             job, index = task
             try:
                 result: Any = job.fn(job.items[index])
-            except InputError as exc:
-                result = exc
-            except Exception as exc:  # a fault, not a bad input: the engine re-raises it
+            except Exception as exc:  # InputError, or a fault the engine re-raises
                 result = exc
             with self._lock:
                 job.results[index] = result

@@ -79,8 +79,8 @@ def _clean(exc: Exception) -> str:
 
 
 def _floats(image: Image.Image) -> np.ndarray:
-    """Pixels as float32; through uint8 first (``np.asarray(image, dtype=np.float32)`` takes
-    Pillow's slow path: 0.14 s instead of 0.02 s for 4096x4096)."""
+    """Pixels as float32, converted from the image's own dtype (``np.asarray(image,
+    dtype=np.float32)`` takes Pillow's slow path: 0.14 s instead of 0.02 s for 4096x4096)."""
     return np.asarray(image).astype(np.float32)
 
 
@@ -102,7 +102,7 @@ def _grayscale(image: Image.Image) -> np.ndarray:
             luma += 1.0 - alpha
         return luma
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(image, dtype=np.float32)
+        arr = _floats(image)
         bad = int(np.size(arr) - np.isfinite(arr).sum())
         if bad:  # a float TIFF may hold them; they would make the whole embedding NaN
             raise InputError(f"image has {bad} pixel values that are NaN or infinite")
