@@ -293,7 +293,9 @@ def test_large_requests_keep_memory_bounded(server, channel):
             f"{baseline:.0f} MB before, peak {peak:.0f} MB"
         )
     (_, too_big, base0, peak0), (_, allowed, base1, peak1) = figures
-    assert too_big == {"RESOURCE_EXHAUSTED": 12} and peak0 < base0 + 100
+    # refused from the length prefix; what was read meanwhile is bounded by HTTP/2 flow control
+    # (a few MB per stream): +22 to +132 MB measured here, against +1.9 GB before
+    assert too_big == {"RESOURCE_EXHAUSTED": 12} and peak0 < base0 + 300
     assert set(allowed) <= {"OK", "RESOURCE_EXHAUSTED"} and allowed["OK"] > 0, allowed
     assert peak1 < base1 + 1000, "memory grew with the requests"
     no_faults_logged(launched.output())
