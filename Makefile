@@ -13,7 +13,7 @@ MODELS := $(patsubst model_store/models/%/model.json,%,$(wildcard model_store/mo
 ARCHIVES := $(patsubst %,model_store/archives/%.mar,$(MODELS))
 PYTEST_ARGS ?=
 
-.PHONY: help docs fuzz serve test test-unit test-integration test-e2e data-images train-images eval-images \
+.PHONY: help bench bench-search bench-hnsw docs fuzz serve test test-unit test-integration test-e2e data-images train-images eval-images \
         data-molecules train-molecules eval-molecules archives install install-train \
         install-molecules install-test install-torch install-torchserve install-gpu lint clean \
         wheelhouse base-image image
@@ -163,6 +163,15 @@ test-integration: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## only tes
 
 test-e2e: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## only tests/e2e
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# ---------------------------------------------------------------- benchmarks (not tests: figures, not pass/fail)
+bench: bench-search ## run every benchmark (bench/); results in bench/results/
+
+bench-search: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz ## search: recall@10, latency, indexing rate, invariance, per store
+	$(PY) bench/search.py --out bench/results/search.json
+
+bench-hnsw: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz ## FAISS HNSW recall@10 against ef_search on the served embeddings
+	$(PY) bench/faiss_hnsw.py
 
 FUZZ_SECONDS ?= 600
 fuzz: $(STAMPS)/test ## run every fuzz target for FUZZ_SECONDS (default 600) each; findings fail

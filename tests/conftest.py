@@ -338,3 +338,27 @@ def wait_serving(channel: Any, proc: subprocess.Popen) -> None:
             pass
         time.sleep(0.2)
     pytest.fail(f"not SERVING after {STARTUP_TIMEOUT_S} s")
+
+
+# ---------------------------------------------------------------- vector-store servers (servers.py)
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A PostgreSQL 18 server with pgvector on 127.0.0.1 for the session → its DSN."""
+    from servers import start_postgres
+
+    dsn, stop = start_postgres()
+    yield dsn
+    stop()
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Milvus 2.3 standalone server, reachable on 127.0.0.1 only, for the session → its
+    ``http://127.0.0.1:PORT`` URI (``milvus://127.0.0.1:PORT`` for ``open_store``)."""
+    from servers import start_milvus
+
+    uri, stop = start_milvus(tmp_path_factory.mktemp("milvus"))
+    yield uri
+    stop()

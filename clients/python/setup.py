@@ -1,4 +1,6 @@
-"""Build hook: generate the quotient.v1 gRPC stubs from the repository's protos/ into the wheel.
+"""Build hook: generate the quotient.v1 gRPC stubs from the repository's protos/ into the wheel,
+as the subpackage ``quotient_client.proto`` (not a generic top-level ``quotient`` package that
+could clash with another distribution's).
 
 Generated stubs are build output, not source: they are never committed. The .proto files are read
 from ../../protos (the repository layout) or from ./protos when building from an sdist.
@@ -7,7 +9,9 @@ from ../../protos (the repository layout) or from ./protos when building from an
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from setuptools import setup
@@ -24,6 +28,44 @@ def _proto_root() -> Path:
     raise SystemExit("quotient-client: cannot find protos/quotient/v1 (build from the repository)")
 
 
+# protoc writes the stubs of protos/quotient/v1 as the Python package quotient.v1; they are moved
+# to quotient_client.proto and their imports of one another rewritten to match (the proto package,
+# and so every gRPC method path such as /quotient.v1.EmbeddingService/Embed, stays quotient.v1).
+STUB_PACKAGE = "quotient_client.proto"
+_GENERATED_IMPORT = re.compile(r"^(from|import) quotient\.v1(\b)", re.MULTILINE)
+# The gencode of grpcio-tools refuses to import with a protobuf runtime older than the protoc it
+# bundles (or of another major version) and with a grpcio older than itself. What it calls is
+# much older than that, so the guards are replaced at build time by the ranges the SDK declares
+# in pyproject.toml and tests at both ends (tests/integration/test_client_dependency_ranges.py).
+_PROTOBUF_GUARD = re.compile(
+    r"^from google\.protobuf import runtime_version as _runtime_version\n"
+    r"|^_runtime_version\.ValidateProtobufRuntimeVersion\(\n(?:.*\n)*?\)\n",
+    re.MULTILINE,
+)
+_GRPC_GUARD = re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.MULTILINE)
+
+
+def _floor(requirement: str) -> str:
+    """The lower bound of ``requirement`` in this package's dependencies (pyproject.toml)."""
+    found = re.search(rf'"{requirement}>=([0-9.]+)', (HERE / "pyproject.toml").read_text())
+    if found is None:
+        raise SystemExit(f"quotient-client: pyproject.toml declares no {requirement}>= floor")
+    return found.group(1)
+
+
+def _relax(name: str, text: str) -> str:
+    """The generated ``text`` of file ``name`` with its imports moved to STUB_PACKAGE and its
+    version guards replaced by the declared floors."""
+    text = _GENERATED_IMPORT.sub(rf"\1 {STUB_PACKAGE}\2", text)
+    if name.endswith("_pb2.py"):
+        text, removed = _PROTOBUF_GUARD.subn("", text)
+        if removed not in (0, 2):
+            raise SystemExit(f"quotient-client: unexpected protobuf version guard in {name}")
+    if name.endswith("_pb2_grpc.py"):
+        text = _GRPC_GUARD.sub(f"GRPC_GENERATED_VERSION = '{_floor('grpcio')}'", text)
+    return text
+
+
 class BuildWithStubs(build_py):
     def run(self) -> None:
         import grpc_tools
@@ -32,27 +74,35 @@ class BuildWithStubs(build_py):
         root = _proto_root()
         out = Path(self.build_lib)
         # pip builds in place, so build/lib survives between builds: clear what this build writes,
-        # or a module renamed or removed since the last build would still be packed into the wheel.
+        # or a module renamed or removed since the last build would still be packed into the wheel
+        # (and the top-level quotient/ of builds before the stubs moved).
         for stale in ("quotient", "quotient_client"):
             shutil.rmtree(out / stale, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
+        super().run()
         # protos/ carries the google/rpc protos it imports; grpc_tools has the well-known types.
         # Only quotient/v1 is generated: google.rpc's modules come from googleapis-common-protos.
         includes = [str(root), os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")]
         files = sorted(str(p) for p in (root / "quotient" / "v1").glob("*.proto"))
-        args = [
-            "protoc",
-            *(f"-I{i}" for i in includes),
-            f"--python_out={out}",
-            f"--pyi_out={out}",
-            f"--grpc_python_out={out}",
-            *files,
-        ]
-        if protoc.main(args) != 0:
-            raise SystemExit("quotient-client: protoc failed")
-        for pkg in (out / "quotient", out / "quotient" / "v1"):
-            (pkg / "__init__.py").touch()
-        super().run()
+        target = out.joinpath(*STUB_PACKAGE.split("."))
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            args = [
+                "protoc",
+                *(f"-I{i}" for i in includes),
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                *files,
+            ]
+            if protoc.main(args) != 0:
+                raise SystemExit("quotient-client: protoc failed")
+            for generated in sorted((Path(tmp) / "quotient" / "v1").iterdir()):
+                text = _relax(generated.name, generated.read_text())
+                (target / generated.name).write_text(text)
+        (target / "__init__.py").write_text(
+            '"""gRPC stubs of the quotient.v1 API, generated from protos/ when this package was '
+            'built."""\n'
+        )
 
 
 class SdistWithProtos(sdist):

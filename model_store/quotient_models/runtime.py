@@ -25,7 +25,13 @@ from typing import Protocol
 import numpy as np
 
 from quotient_models.errors import DeviceUnavailable, InputError, require
-from quotient_models.images.preprocess import FORMATS, decode_image, header_pixels
+from quotient_models.images.preprocess import (
+    FORMATS,
+    Framing,
+    decode_image,
+    header_pixels,
+    model_input,
+)
 from quotient_models.projections import CyclicProjectionHead, ProjectionInfo, ProjectionOutput
 from quotient_models.spec import ModelSpec
 
@@ -209,15 +215,28 @@ class ImageModel(EmbeddingModel):
     def __init__(self, spec: ModelSpec, encoder: Encoder, head: CyclicProjectionHead) -> None:
         self.spec, self.encoder, self.head = spec, encoder, head
         self.size = spec.input_size
+        # how content is centred and scaled in the frame (model.json "input.frame"; None: fitted)
+        self.framing = Framing.from_spec(spec.raw.get("input", {}).get("frame"))
 
     def projections(self) -> list[ProjectionInfo]:
         return self.head.describe()
 
     def prepare(self, data: bytes, limits: InputLimits) -> np.ndarray:
         pixels = decode_image(
-            data, self.size, max_input_bytes=limits.max_input_bytes, max_pixels=limits.max_pixels
+            data,
+            self.size,
+            max_input_bytes=limits.max_input_bytes,
+            max_pixels=limits.max_pixels,
+            framing=self.framing,
         )
         return pixels[None]  # [1, S, S]
+
+    def frame(self, images: np.ndarray) -> np.ndarray:
+        """Grayscale images [B, H, W] in [0, 1] → model inputs [B, S, S], as ``prepare`` makes
+        them from decoded files (polarity, frame, size): for measuring arrays without encoding."""
+        return np.stack(
+            [model_input(np.asarray(g, np.float32), self.size, self.framing) for g in images]
+        )
 
     def input_pixels(self, data: bytes) -> int:
         return header_pixels(data)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_reflection.v1alpha import reflection
 
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 from quotient_models.errors import DeviceUnavailable, MissingRuntime
 from quotient_service.auth import ApiKeys, AuthInterceptor, server_credentials
 from quotient_service.backends import Backend, create_backend

@@ -17,8 +17,8 @@ import grpc
 import numpy as np
 from google.protobuf.duration_pb2 import Duration
 
-from quotient.v1 import embedding_service_pb2 as pb
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+from quotient_client.proto import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 from quotient_models.molecules.featurize import is_molblock_text
 from quotient_models.runtime import EmbeddingModel
 from quotient_service import errors
@@ -31,6 +31,11 @@ __all__ = ["SERVICE_NAME", "EmbeddingServicer"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 _MODALITIES = {"image": pb.MODALITY_IMAGE, "molecule": pb.MODALITY_MOLECULE}
+_METRICS = {
+    "cosine": pb.DISTANCE_METRIC_COSINE,
+    "l2": pb.DISTANCE_METRIC_L2,
+    "inner_product": pb.DISTANCE_METRIC_INNER_PRODUCT,
+}
 A = TypeVar("A")
 R = TypeVar("R")
 
@@ -121,6 +126,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     invariant=p.invariant,
                     description=p.description,
                     returns_pose=p.returns_pose,
+                    metric=_METRICS[p.metric],
+                    normalized=p.normalized,
                 )
                 for p in model.projections()
             ],

@@ -116,6 +116,7 @@ def test_make_serve_runs_the_readme_example(embedded):
     a, b = namespace["a"], namespace["b"]
     assert a.shape[0] == 1 and a.shape[1] > 0
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+    assert namespace["turn"] == pytest.approx(90.0)  # what the README says it prints
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ import pytest
 from conftest import ENTRY_POINT, Launched, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from quotient.v1 import embedding_service_pb2 as pb
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+from quotient_client.proto import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 
 
 @pytest.fixture

@@ -28,11 +28,12 @@ import atheris
 import grpc  # not instrumented: outside the code under test
 import numpy as np
 
-with atheris.instrument_imports(include=["quotient_models", "quotient_service", "quotient", "PIL"]):
+_UNDER_TEST = ["quotient_models", "quotient_service", "quotient_client.proto", "PIL"]
+with atheris.instrument_imports(include=_UNDER_TEST):
     from PIL import Image
 
     import quotient_models.molecules.model  # noqa: F401  (load_model imports it lazily)
-    from quotient.v1 import embedding_service_pb2 as pb
+    from quotient_client.proto import embedding_service_pb2 as pb
     from quotient_models.errors import InputError
     from quotient_models.runtime import InputLimits, load_model
     from quotient_service.config import Settings

@@ -33,9 +33,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from quotient.v1 import embedding_service_pb2 as pb
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 from quotient_client import Client, UnauthenticatedError
+from quotient_client.proto import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 from quotient_service.auth import ApiKeys
 from quotient_service.errors import StartupError
 from quotient_service.servicer import SERVICE_NAME

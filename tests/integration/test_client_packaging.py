@@ -1,5 +1,5 @@
 """The client's sdist carries the .proto files, so a wheel builds from it outside the repository
-(the wheel's stubs are generated at build time, never committed)."""
+(the wheel's stubs are generated at build time, never committed, into quotient_client.proto)."""
 
 from __future__ import annotations
 
@@ -44,9 +44,29 @@ def test_wheel_builds_from_the_sdist_alone(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         built = set(z.namelist())
     assert {
-        "quotient/v1/embedding_service_pb2.py",
-        "quotient/v1/embedding_service_pb2_grpc.py",
+        "quotient_client/proto/__init__.py",
+        "quotient_client/proto/embedding_service_pb2.py",
+        "quotient_client/proto/embedding_service_pb2.pyi",
+        "quotient_client/proto/embedding_service_pb2_grpc.py",
         "quotient_client/_client.py",
     } <= built
+    # The stubs live inside the SDK's package: no generic top-level "quotient" package to clash.
+    assert {n.split("/")[0] for n in built if not n.split("/")[0].endswith(".dist-info")} == {
+        "quotient_client"
+    }
+    with zipfile.ZipFile(wheel) as z:
+        grpc_stub = z.read("quotient_client/proto/embedding_service_pb2_grpc.py").decode()
+    assert "from quotient_client.proto import embedding_service_pb2" in grpc_stub
+    assert "quotient.v1 import" not in grpc_stub
+    assert "/quotient.v1.EmbeddingService/Embed" in grpc_stub  # the API's name is unchanged
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in built)
     assert not any(n.startswith("google/") for n in built)  # googleapis-common-protos has them
+
+
+def test_the_installed_sdk_has_no_top_level_quotient_package() -> None:
+    import importlib.util
+
+    from quotient_client.proto import embedding_service_pb2 as pb
+
+    assert importlib.util.find_spec("quotient") is None
+    assert pb.DESCRIPTOR.package == "quotient.v1"  # the wire names are those of the API

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from conftest import encode_png
 
-from quotient.v1 import embedding_service_pb2 as pb
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 from quotient_client import (
     Client,
     InvalidInputError,
     ServerBusyError,
     ServiceUnavailableError,
 )
+from quotient_client.proto import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 
 IMAGE = "rotmnist-c8"
 

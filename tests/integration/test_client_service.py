@@ -65,7 +65,8 @@ def test_rotated_inputs_give_the_same_invariant_embedding(
     client: qc.Client, digits: Callable[[int], np.ndarray], projection: str
 ) -> None:
     images = [np.rot90(digits(seed), k) for seed in range(3) for k in range(4)]
-    vectors, poses = client.embed_images(images, projection=projection, return_poses=True)
+    embedded = client.embed(images, model="tiny-c4", projection=projection)
+    vectors, poses = embedded.vectors, embedded.poses
     by_digit = vectors.reshape(3, 4, -1)
     np.testing.assert_allclose(
         by_digit, np.repeat(by_digit[:, :1], 4, axis=1), rtol=1e-5, atol=1e-5
@@ -75,6 +76,8 @@ def test_rotated_inputs_give_the_same_invariant_embedding(
         np.testing.assert_allclose(turns, np.tile([0, 90, 180, 270], (3, 1)))
     else:
         assert np.isnan(poses).all()
+        with pytest.raises(ValueError, match="computes no pose"):
+            client.embed_images(images, projection=projection, return_poses=True)
 
 
 def test_raw_projection_is_not_invariant(

@@ -56,7 +56,8 @@ def test_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _embed(model: ImageModel, name: str, x: np.ndarray) -> np.ndarray:
-    return model.embed(np.ascontiguousarray(x[:, None], dtype=np.float32), name).values
+    """Embeddings of grayscale images through the served policy (model.json's frame)."""
+    return model.embed(np.ascontiguousarray(model.frame(x)[:, None]), name).values
 
 
 def _recall(queries: np.ndarray, gallery: np.ndarray, truth: np.ndarray) -> float:
@@ -120,11 +121,26 @@ def test_retrieval_recall_matches_card(
     x, idx, rotated = test_digits
     proj = model.spec.default_projection if name == "default" else name
     if proj == "radial_profile":
-        queries, gallery = radial_profile(rotated), radial_profile(x)
+        queries, gallery = radial_profile(model.frame(rotated)), radial_profile(model.frame(x))
     else:
         queries, gallery = _embed(model, proj, rotated), _embed(model, proj, x)
     recall = _recall(queries, gallery, idx)  # 200 queries against the full 1000-digit gallery
     assert recall == pytest.approx(metrics[f"retrieval.recall_at_1.{proj}"], abs=0.05)
+
+
+@pytest.mark.parametrize("canvas", ["canvas64_rotated", "canvas256"])
+def test_off_centre_copies_retrieval_matches_card(
+    model: ImageModel, metrics: dict[str, float], test_digits, canvas: str
+) -> None:
+    from quotient_models.images.evaluate import COPY_SETS, make_copies
+
+    x, idx, _ = test_digits
+    _, side, rotated, kind = next(c for c in COPY_SETS if c[0] == canvas)
+    copies = make_copies(x, side, rotated, kind)[idx]  # the card's copies of the 200 digits
+    default = model.spec.default_projection
+    recall = _recall(_embed(model, default, copies), _embed(model, default, x), idx)
+    assert recall == pytest.approx(metrics[f"framing.served.{canvas}.rank1"], abs=0.05)
+    assert metrics[f"framing.before.{canvas}.rank1"] < 0.05  # what the frame fixes
 
 
 def test_default_beats_the_baselines_on_the_card(

@@ -62,7 +62,14 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
     )
     qm9_args = ["--data", str(tmp_path / "qm9"), "--model", str(out), "--krr-rows", "200"]
     evaluate.main(["spread", *qm9_args, "--seeds", "0,1"])
+    evaluate.main(["neighbours", "--data", str(tmp_path / "qm9"), "--model", str(out)])
     metrics = {m["name"]: m for m in json.loads((out / "metrics.json").read_text())}
+    near = {(r["feature"], r["padding"], r["metric"]): r for r in metrics["neighbours"]["rows"]}
+    assert (
+        near[("sorted", "marker", "l2")]["served"] and not near[("sorted", "fill", "l2")]["served"]
+    )
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "## Distance and neighbours" in card and "Before (cosine / L2)" in card
     assert metrics["invariance"]["max_relative_change_sorted"] <= 1e-5
     spread = metrics["spread"]
     assert spread["seeds"] == [0, 1] and set(spread["mae"]) == {"0", "1"}
@@ -76,6 +83,10 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
         ),
         ("reconstruction.exact_rate.sorted", metrics["reconstruction"]["exact_rate_sorted"]),
         ("regression.krr.alpha.raw", metrics["regression"]["mae"]["krr"]["alpha"]["raw"]),
+        (
+            "neighbours.sorted.fill.l2.same_atom_count",
+            near[("sorted", "fill", "l2")]["same_atom_count"],
+        ),
     ):
         assert figures[name]["value"] == value and figures[name]["command"].startswith("python -m")
     assert len(figures) > 40  # every projection, regressor, target and feature set

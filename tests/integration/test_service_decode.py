@@ -18,8 +18,6 @@ pytest.importorskip("rdkit", reason="molecule models need RDKit (make install-mo
 
 from rdkit import Chem
 
-from quotient.v1 import embedding_service_pb2 as pb
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 from quotient_client import (
     Client,
     DecodedMolecule,
@@ -27,6 +25,8 @@ from quotient_client import (
     InvalidInputError,
     ModelNotFoundError,
 )
+from quotient_client.proto import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 
 QM9_VAE = Path(__file__).resolve().parents[2] / "model_store" / "models" / "qm9-vae"
 SMILES = ["CCO", "c1ccccc1", "CC(=O)N", "OC1CC1"]
@@ -107,7 +107,11 @@ def test_wrong_length_names_the_embedding(service):
     [
         (lambda r: r.__setitem__(0, float("nan")), "nan is neither a latent value"),
         (lambda r: r.__setitem__(1, 1.2), "1.2 is neither a latent value"),
-        (lambda r: r.__setitem__(len(r) - 1, 0.0), "mixes padding (2) with latent values"),
+        (
+            lambda r: r.__setitem__(len(r) - 1, 0.5),
+            "mixes padding (1.25 in the row's first value, 0 in the others) with latent values",
+        ),
+        (lambda r: r.__setitem__(len(r) - 4, 0.5), "is an atom after padding row 6"),
     ],
 )
 def test_values_no_embedding_has_are_refused_with_the_reason(service, change, words):
@@ -162,3 +166,22 @@ def test_trained_model_gives_its_inputs_back(start_service, tmp_path_factory):
     # card lists the smallest test molecules that do not).
     expected = [(Chem.MolToSmiles(Chem.MolFromSmiles(s)), None) for s in SMILES]
     assert [(d.smiles, d.reason) for d in decoded] == expected
+
+
+@pytest.mark.skipif(not (QM9_VAE / "model.json").is_file(), reason="qm9-vae is not committed here")
+def test_trained_model_states_its_metric_and_pads_with_the_marker_row(start_service, tmp_path):
+    """Since qm9-vae 1.3.0 a missing atom is the row (1.25, 0, ..., 0), not eight 2.0s, and every
+    projection is compared with L2 (the card's neighbour figures); GetModel says so."""
+    (tmp_path / "qm9-vae").symlink_to(QM9_VAE, target_is_directory=True)
+    served = start_service(model_store=str(tmp_path))
+    with Client(served.target) as client:
+        info = client.get_model("qm9-vae")
+        ethanol = client.embed_molecules(["CCO"])[0].reshape(9, 8)  # 3 heavy atoms
+        decoded = client.decode(ethanol.reshape(1, -1))
+    assert {(p.name, p.metric, p.normalized) for p in info.projections} == {
+        (name, "l2", False) for name in ("sorted", "sum", "mean", "raw")
+    }
+    assert "padding rows (1.25, 0, 0, 0, 0, 0, 0, 0)" in info.projection("sorted").description
+    assert (np.abs(ethanol[:3]) < 1).all()
+    np.testing.assert_array_equal(ethanol[3:], np.tile([1.25] + [0.0] * 7, (6, 1)))
+    assert decoded == [DecodedMolecule("CCO")]

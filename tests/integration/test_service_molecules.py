@@ -89,6 +89,7 @@ def test_get_model_states_the_domain(service):
     assert set(info.input_limits.elements) == {"C", "N", "O", "F"}
     raw = next(p for p in info.projections if p.name == "raw")
     assert not raw.invariant and all(p.invariant for p in info.projections if p.name != "raw")
+    assert [(p.metric, p.normalized) for p in info.projections] == [("l2", False)] * 4
 
 
 def test_get_model_serves_the_card_figures_not_the_nested_results(service):
@@ -143,8 +144,8 @@ def test_bad_molblock_names_the_item_field_and_reason(service, molecule, field, 
     import grpc
     from google.rpc import error_details_pb2, status_pb2
 
-    from quotient.v1 import embedding_service_pb2 as pb
-    from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+    from quotient_client.proto import embedding_service_pb2 as pb
+    from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 
     good = pb.Input(molecule=pb.Molecule(smiles="CCO"))
     request = pb.EmbedRequest(
@@ -180,8 +181,8 @@ def test_concurrent_molecules_of_different_sizes_batch_without_mixing(
 
     import grpc
 
-    from quotient.v1 import embedding_service_pb2 as pb
-    from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+    from quotient_client.proto import embedding_service_pb2 as pb
+    from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
     from quotient_models.molecules.model import load_molecule_model
     from quotient_models.molecules.testing import write_tiny_molecule_model
 

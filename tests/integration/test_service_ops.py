@@ -11,8 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from quotient.v1 import embedding_service_pb2 as pb
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+from quotient_client.proto import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 from quotient_service.servicer import SERVICE_NAME
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -66,6 +66,11 @@ def test_get_model_describes_the_model(stub, service):
     assert list(projections) == ["align", "maxfilter", "mean", "max", "raw"]
     assert projections["align"].returns_pose and projections["align"].dimension == 16
     assert not projections["raw"].invariant and projections["mean"].invariant
+    # each projection states its distance (images.neighbours: L2 for every cyclic projection)
+    # and whether it is normalised (none is)
+    assert [(p.metric, p.normalized) for p in model.projections] == [
+        (pb.DISTANCE_METRIC_L2, False)
+    ] * 5
     limits = model.input_limits
     assert limits.max_inputs_per_request == service.settings.max_inputs_per_request
     assert (limits.max_pixels, limits.model_input_size) == (service.settings.max_pixels, 28)

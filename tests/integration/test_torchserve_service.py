@@ -24,8 +24,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from quotient.v1 import embedding_service_pb2 as pb
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+from quotient_client.proto import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 from quotient_models.invariance import relative_change
 from quotient_service.servicer import SERVICE_NAME
 
@@ -77,6 +77,18 @@ def test_both_backends_give_the_same_embeddings(
         e.pose.rotation_degrees for e in emb.embeddings
     ]
     assert (ts.projection, ts.invariant) == (emb.projection, emb.invariant)
+
+
+def test_both_backends_describe_the_model_alike(torchserve_target: str, embedded_target: str):
+    """GetModel, metric and normalisation of each projection included, does not depend on the
+    backend (both describe a model from its directory, as TorchServe's workers project by it)."""
+    models = []
+    for target in (torchserve_target, embedded_target):
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            models.append(stub.GetModel(pb.GetModelRequest(name=MODEL), timeout=30))
+    assert models[0] == models[1]
+    assert [p.metric for p in models[0].projections] == [pb.DISTANCE_METRIC_L2] * len(PROJECTIONS)
 
 
 def test_a_bad_input_is_answered_alike(

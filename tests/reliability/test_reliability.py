@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 from conftest import Launched, encode_png, wait_serving
 
-from quotient.v1 import embedding_service_pb2 as pb
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+from quotient_client.proto import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 
 pytest.importorskip("rdkit", reason="molecule models need RDKit (make install-molecules)")
 

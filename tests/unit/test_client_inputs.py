@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quotient.v1 import embedding_service_pb2 as pb
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
 from quotient_client import Client, ModelNotFoundError, encode_image
 from quotient_client._inputs import chunk_inputs, image_inputs, molecule_inputs
+from quotient_client.proto import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 
 DIM = 3
 
@@ -203,8 +203,12 @@ def test_model_limit_caps_the_batch_and_poses_are_returned(serve) -> None:
     service = EchoService([_model("echo", max_inputs=4)])
     with Client(serve(service)) as client:
         images = [np.zeros((3, 3), np.uint8)] * 9
-        _, poses = client.embed_images(images, return_poses=True)
+        client.embed_images(images)
         assert [len(r.inputs) for r in service.requests] == [4, 4, 1]
+        with pytest.raises(ValueError, match=r"'mean' of model 'echo' computes no pose.*: align"):
+            client.embed_images(images, return_poses=True)  # refused before anything is sent
+        assert len(service.requests) == 3
+        poses = client.embed(images, model="echo").poses  # Embeddings: NaN where none
         assert poses.shape == (9,) and np.isnan(poses).all()
         vectors, poses = client.embed_images(images[:2], projection="align", return_poses=True)
         assert vectors.shape == (2, DIM)

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from quotient_models.errors import InputError
-from quotient_models.images.preprocess import decode_image
+from quotient_models.images.preprocess import Framing, decode_image
 
 LIMITS = {"max_input_bytes": 1 << 20, "max_pixels": 1 << 20}
+FRAME = Framing(radius=10.25)  # rotmnist-c8's frame (tests/unit/test_image_framing.py)
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -30,7 +31,7 @@ def digit(h: int = 28, w: int = 28, seed: int = 0) -> np.ndarray:
     return img
 
 
-def test_mnist_sized_png_is_used_as_is():
+def test_mnist_sized_png_is_used_as_is_without_a_frame():
     img = digit()
     out = decode_image(encode(img), 28, **LIMITS)
     assert out.shape == (28, 28) and out.dtype == np.float32
@@ -39,18 +40,20 @@ def test_mnist_sized_png_is_used_as_is():
 
 @pytest.mark.parametrize("shape", [(28, 28), (56, 56), (40, 30), (31, 64), (200, 120), (5, 9)])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_policy_commutes_with_90_degree_rotations(shape, k):
+@pytest.mark.parametrize("framing", [None, FRAME], ids=["fitted", "framed"])
+def test_policy_commutes_with_90_degree_rotations(shape, k, framing):
     img = digit(*shape)
-    a = decode_image(encode(img), 28, **LIMITS)
-    b = decode_image(encode(np.ascontiguousarray(np.rot90(img, k))), 28, **LIMITS)
+    a = decode_image(encode(img), 28, framing=framing, **LIMITS)
+    b = decode_image(encode(np.ascontiguousarray(np.rot90(img, k))), 28, framing=framing, **LIMITS)
     np.testing.assert_allclose(np.rot90(a, k), b, atol=1e-5)
 
 
-def test_light_background_is_inverted():
+@pytest.mark.parametrize("framing", [None, FRAME], ids=["fitted", "framed"])
+def test_light_background_is_inverted(framing):
     img = digit()
     np.testing.assert_allclose(
-        decode_image(encode(255 - img), 28, **LIMITS),
-        decode_image(encode(img), 28, **LIMITS),
+        decode_image(encode(255 - img), 28, framing=framing, **LIMITS),
+        decode_image(encode(img), 28, framing=framing, **LIMITS),
         atol=1e-6,
     )
 

@@ -180,3 +180,33 @@ def test_model_contract(model_dir: Path) -> None:
         model.prepare(b"\xff\xfe", InputLimits())
     with pytest.raises(InputError, match="exceeds the limit"):
         model.prepare(b"C" * 100, InputLimits(max_input_bytes=10))
+
+
+def test_neighbour_figures_of_every_projection_padding_and_metric(model_dir: Path) -> None:
+    """``evaluate neighbours`` on pairs of renumberings of a molecule: one row per (projection,
+    padding, metric), the served ones flagged, and under every invariant projection each copy's
+    nearest neighbour is its twin (same property, an ECFP4 neighbour, same atom count)."""
+    from quotient_models.molecules.neighbours import neighbour_quality
+
+    rng = np.random.default_rng(0)
+    smiles, pair = [], []
+    for k, s in enumerate(SMILES):
+        mol = Chem.MolFromSmiles(s)
+        order = [int(i) for i in rng.permutation(mol.GetNumAtoms())]
+        smiles += [s, Chem.MolToSmiles(Chem.RenumberAtoms(mol, order), canonical=False)]
+        pair += [k, k]
+    model = load_molecule_model(model_dir, "onnx")
+    z, mask = model.latent(model.collate([model.item(model.graph(s)) for s in smiles]))
+    canonical = [Chem.MolToSmiles(Chem.MolFromSmiles(s)) for s in smiles]
+    pairs = np.array(pair, dtype=np.float64)
+    m = neighbour_quality(model, z, mask, canonical, {"gap": pairs, "alpha": pairs}, k=1)
+    rows = {(r["feature"], r["padding"], r["metric"]): r for r in m["rows"]}
+    assert len(rows) == 4 * 2 + 2 * 2  # sorted and raw also with the fill padding
+    assert {key for key, r in rows.items() if r["served"]} == {
+        (f, "marker", "l2") for f in ("sorted", "raw", "sum", "mean")
+    }
+    for (feature, padding, metric), r in rows.items():
+        if feature != "raw":
+            got = (r["mean_abs_diff_gap"], r["ecfp4_overlap"], r["same_atom_count"])
+            assert got == (0.0, 1.0, 1.0), (feature, padding, metric)
+    assert m["molecules"] == len(smiles) and m["references"]["ecfp4"]["ecfp4_overlap"] is None

@@ -9,6 +9,7 @@ import pytest
 
 from quotient_models.invariance import assert_invariant
 from quotient_models.molecules.projections import (
+    PADDINGS,
     SortedProjectionHead,
     orbit_distance,
     tolerant_order,
@@ -17,8 +18,11 @@ from quotient_models.molecules.projections import (
 N, D = 9, 4
 
 
-@pytest.fixture
-def head() -> SortedProjectionHead:
+@pytest.fixture(params=PADDINGS)
+def head(request: pytest.FixtureRequest) -> SortedProjectionHead:
+    """Both paddings: "marker" (served since qm9-vae 1.3.0) and "fill" (older projection.json)."""
+    if request.param == "fill":
+        return SortedProjectionHead(max_atoms=N, dim=D, pad_value=2.0, padding="fill")
     return SortedProjectionHead(max_atoms=N, dim=D)
 
 
@@ -111,7 +115,7 @@ def test_sorted_is_a_lossless_cross_section(head: SortedProjectionHead) -> None:
         assert np.allclose(
             orbit_distance(back[k, :n], z[k, :n]), 0, atol=1e-6
         )  # same rows, reordered
-        assert (values[k].reshape(N, D)[n:] == head.pad_value).all()  # padding sorts last
+        assert (values[k].reshape(N, D)[n:] == head.padding_row()).all()  # padding sorts last
     raw_back, raw_mask = head.unflatten(head.apply("raw", z, mask).values)
     np.testing.assert_array_equal(raw_mask, mask)
     np.testing.assert_allclose(raw_back, z)
@@ -122,21 +126,37 @@ def test_every_embedding_the_head_produces_is_accepted_for_decoding(head) -> Non
     for name in ("sorted", "raw"):
         for row in head.apply(name, z, mask).values:
             assert head.embedding_error(row) is None
-    assert head.embedding_error(np.full(N * D, 2.0)) is None  # no atoms: decodes to a reason
+    no_atoms = np.tile(head.padding_row(), N)
+    assert head.embedding_error(no_atoms) is None  # no atoms: decodes to a reason
+
+
+MARKER = "1.25 in the row's first value, 0 in the others"
 
 
 @pytest.mark.parametrize(
-    ("position", "value", "words"),
+    ("padding", "position", "value", "words"),
     [
-        (5, np.nan, "row 1 (values 4..7), column 1: nan is neither"),
-        (0, np.inf, "row 0 (values 0..3), column 0: inf is neither"),
-        (2, 1.4, "column 2: 1.4 is neither a latent value (|z| <= 1) nor padding (2)"),
-        (4 * D + 1, 2.0, "row 4 (values 16..19) mixes padding (2) with latent values"),
-        (8 * D, 0.5, "row 8 (values 32..35) mixes padding"),
-        (8 * D + 3, 7.0, "row 8 (values 32..35), column 3: 7 is neither"),
+        ("marker", 5, np.nan, "row 1 (values 4..7), column 1: nan is neither"),
+        ("marker", 0, np.inf, "row 0 (values 0..3), column 0: inf is neither"),
+        (
+            "marker",
+            2,
+            1.4,
+            f"column 2: 1.4 is neither a latent value (|z| <= 1) nor padding ({MARKER})",
+        ),
+        ("marker", 4 * D, 1.25, f"row 4 (values 16..19) mixes padding ({MARKER}) with latent"),
+        ("marker", 8 * D, 0.5, "row 8 (values 32..35) is an atom after padding row 6"),
+        ("marker", 8 * D + 3, 0.5, "row 8 (values 32..35) mixes padding"),
+        ("marker", 8 * D + 3, 7.0, "row 8 (values 32..35), column 3: 7 is neither"),
+        ("fill", 2, 1.4, "column 2: 1.4 is neither a latent value (|z| <= 1) nor padding (2)"),
+        ("fill", 4 * D + 1, 2.0, "row 4 (values 16..19) mixes padding (2) with latent values"),
+        ("fill", 8 * D, 0.5, "row 8 (values 32..35) mixes padding"),
+        ("fill", 8 * D + 3, 7.0, "row 8 (values 32..35), column 3: 7 is neither"),
     ],
 )
-def test_values_no_embedding_has_are_named(head, position, value, words) -> None:  # type: ignore[no-untyped-def]
+def test_values_no_embedding_has_are_named(padding, position, value, words) -> None:  # type: ignore[no-untyped-def]
+    pad_value = 2.0 if padding == "fill" else 1.25
+    head = SortedProjectionHead(max_atoms=N, dim=D, pad_value=pad_value, padding=padding)
     z = np.full((1, N, D), 0.25, np.float32)
     mask = np.arange(N)[None] < 6  # rows 6..8 are padding
     row = head.apply("raw", z, mask).values[0].copy()
@@ -148,6 +168,58 @@ def test_values_no_embedding_has_are_named(head, position, value, words) -> None
 def test_padding_cannot_collide() -> None:
     with pytest.raises(ValueError):
         SortedProjectionHead(max_atoms=N, dim=D, latent_bound=1.0, pad_value=1.0)
+    with pytest.raises(ValueError, match="padding must be one of marker, fill"):
+        SortedProjectionHead(max_atoms=N, dim=D, padding="zeros")
+
+
+def test_marker_padding_rows_and_their_sort_key_columns() -> None:
+    head = SortedProjectionHead(max_atoms=N, dim=D)
+    np.testing.assert_array_equal(head.padding_row(), [1.25, 0, 0, 0])
+    # with two sort-key columns in front: those and the first latent value mark padding
+    np.testing.assert_array_equal(head.padding_row(D + 2), [1.25, 1.25, 1.25, 0, 0, 0])
+    fill = SortedProjectionHead(max_atoms=N, dim=D, pad_value=2.0, padding="fill")
+    np.testing.assert_array_equal(fill.padding_row(D + 2), [2.0] * (D + 2))
+    with pytest.raises(ValueError):
+        head.padding_row(D - 1)
+
+
+def test_a_real_row_at_the_bound_is_not_taken_for_padding() -> None:
+    """The real row nearest the marker, (latent_bound, 0, ..., 0) (a saturated tanh), stays an atom:
+    n atoms and n + 1 atoms of which the last is that row never coincide, and both come back."""
+    head = SortedProjectionHead(max_atoms=N, dim=D)
+    z = np.zeros((2, N, D), np.float32)
+    z[:, :3] = np.random.default_rng(8).uniform(-0.9, 0.9, (3, D))
+    z[1, 3] = [1.0, 0, 0, 0]
+    mask = np.arange(N)[None] < np.array([[3], [4]])
+    values = head.apply("sorted", z, mask).values
+    assert np.linalg.norm(values[0] - values[1]) == pytest.approx(0.25)  # = pad_value - bound
+    _, back_mask = head.unflatten(values)
+    np.testing.assert_array_equal(back_mask.sum(1), [3, 4])
+    assert all(head.embedding_error(v) is None for v in values)
+
+
+def test_projection_json_without_a_padding_name_is_read_as_fill(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """qm9-vae <= 1.2.0 wrote no "padding" entry: its embeddings keep their meaning (all 2.0)."""
+    path = tmp_path / "projection.json"
+    path.write_text(
+        '{"kind": "sorted_node_latents", "max_atoms": 9, "dim": 4, "latent_bound": 1.0, '
+        '"pad_value": 2.0, "tol": 0.0001, "key": []}'
+    )
+    old = SortedProjectionHead.load(path)
+    assert old.padding == "fill"
+    z, mask = batch(9, 4)
+    values = old.apply("sorted", z, mask).values.reshape(4, N, D)
+    assert (values[~mask] == 2.0).all()
+    assert "are all 2" in old.describe()[0].description
+
+
+def test_every_projection_states_its_metric(head: SortedProjectionHead) -> None:
+    assert {(p.name, p.metric, p.normalized) for p in head.describe()} == {
+        ("sorted", "l2", False),
+        ("sum", "l2", False),
+        ("mean", "l2", False),
+        ("raw", "l2", False),
+    }
 
 
 def test_sorting_scalars_is_isometric_and_rows_are_not() -> None:
@@ -222,10 +294,10 @@ def test_sort_key_columns_order_rows_first_and_are_never_output() -> None:
     z = np.array([[[0.5, -0.9, -0.9], [-0.5, 0.9, 0.9], [0.0, 0.0, 0.0]]], np.float32)
     mask = np.array([[True, True, False]])
     np.testing.assert_allclose(
-        head.apply("sorted", z, mask).values, [[0.9, 0.9, -0.9, -0.9, 2.0, 2.0]], rtol=1e-6
+        head.apply("sorted", z, mask).values, [[0.9, 0.9, -0.9, -0.9, 1.25, 0.0]], rtol=1e-6
     )
     np.testing.assert_allclose(
-        head.apply("raw", z, mask).values, [[-0.9, -0.9, 0.9, 0.9, 2.0, 2.0]], rtol=1e-6
+        head.apply("raw", z, mask).values, [[-0.9, -0.9, 0.9, 0.9, 1.25, 0.0]], rtol=1e-6
     )
     np.testing.assert_allclose(head.apply("sum", z, mask).values, [[0.0, 0.0]])
     assert [p.dimension for p in head.describe()] == [6, 2, 2, 6]
@@ -248,3 +320,21 @@ def test_type_coordinates_follow_the_atoms() -> None:
     # OH, C(=O), =O, ring CH, ring CH2 and NH: six different (element, degree, hydrogens)
     assert len({tuple(r) for r in t[0, :n]}) == n
     np.testing.assert_allclose(t[0, 0], [0.25, -2 / 3, -0.4], rtol=1e-6)  # O, degree 1, 1 H
+
+
+def test_fill_padding_lets_the_atom_count_decide_the_nearest_molecule_and_marker_does_not() -> None:
+    """A: five atoms; B: A's five and one more; C: five atoms each unlike A's. With every padding
+    value 2.0 the missing atom alone puts B farther from A than C is; with the marker row B, which
+    shares all of A's atoms, is nearer."""
+    rows = np.random.default_rng(10).uniform(-0.3, 0.3, (5, D))
+    z = np.zeros((3, N, D), np.float32)
+    z[0, :5] = z[1, :5] = rows
+    z[1, 5] = [0.1, 0.0, 0.0, 0.0]
+    z[2, :5] = rows + 0.6
+    mask = np.arange(N)[None] < np.array([[5], [6], [5]])
+    marker = SortedProjectionHead(max_atoms=N, dim=D)
+    fill = SortedProjectionHead(max_atoms=N, dim=D, pad_value=2.0, padding="fill")
+    for head, nearest_to_a in ((fill, 2), (marker, 1)):
+        e = head.apply("sorted", z, mask).values
+        d = np.linalg.norm(e[1:] - e[0], axis=1)
+        assert 1 + int(d.argmin()) == nearest_to_a, (head.padding, d)

@@ -9,6 +9,7 @@ Needs grpcio, protobuf, numpy and Pillow; not torch. See clients/python/README.m
 
 from importlib.metadata import PackageNotFoundError, version
 
+from quotient_client._aio import AsyncClient
 from quotient_client._client import (
     API_KEY_ENV,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -16,6 +17,7 @@ from quotient_client._client import (
     Client,
     tls_credentials,
 )
+from quotient_client._embeddings import METRICS, Embeddings, EmbeddingSpec, SpecMismatchError
 from quotient_client._errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -32,6 +34,7 @@ from quotient_client._inputs import ImageLike, encode_image
 from quotient_client._models import (
     DecodedMolecule,
     InputLimits,
+    MetricInfo,
     ModelInfo,
     ProjectionInfo,
     SymmetryGroup,
@@ -46,13 +49,18 @@ __all__ = [
     "API_KEY_ENV",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TARGET",
+    "METRICS",
+    "AsyncClient",
     "Client",
     "DeadlineExceededError",
     "DecodedMolecule",
+    "EmbeddingSpec",
+    "Embeddings",
     "FailedPreconditionError",
     "ImageLike",
     "InputLimits",
     "InvalidInputError",
+    "MetricInfo",
     "ModelInfo",
     "ModelNotFoundError",
     "PermissionDeniedError",
@@ -60,6 +68,7 @@ __all__ = [
     "QuotientError",
     "ServerBusyError",
     "ServiceUnavailableError",
+    "SpecMismatchError",
     "SymmetryGroup",
     "UnauthenticatedError",
     "encode_image",

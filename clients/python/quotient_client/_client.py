@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
-import json
-import os
-import random
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from types import TracebackType
 from typing import Any, Literal, overload
 
 import grpc
 import numpy as np
 
-from quotient.v1 import embedding_service_pb2 as pb
-from quotient.v1 import embedding_service_pb2_grpc as pb_grpc
+from quotient_client._core import (
+    API_KEY_ENV,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    BaseClient,
+    DecodeJob,
+    EmbedJob,
+    ModelPager,
+    choose_modality,
+    is_request_stream,
+    tls_credentials,
+)
+from quotient_client._embeddings import Embeddings
 from quotient_client._errors import (
     DeadlineExceededError,
     ModelNotFoundError,
-    QuotientError,
-    ServerBusyError,
-    ServiceUnavailableError,
     error_from_rpc,
 )
 from quotient_client._health import health_check
-from quotient_client._inputs import ImageLike, chunk_inputs, image_inputs, molecule_inputs
+from quotient_client._inputs import ImageLike
 from quotient_client._models import DecodedMolecule, ModelInfo
+from quotient_client.proto import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 
 __all__ = [
     "API_KEY_ENV",
@@ -36,125 +46,78 @@ __all__ = [
     "tls_credentials",
 ]
 
-DEFAULT_TARGET = "127.0.0.1:50051"
-API_KEY_ENV = "QUOTIENT_API_KEY"
-DEFAULT_MAX_MESSAGE_BYTES = 16 << 20  # the server's default --max-message-bytes
-_MESSAGE_SLACK = 64 << 10  # room for the request's other fields next to its inputs
 
-Metadata = Sequence[tuple[str, str]] | Mapping[str, str]
+class _Calls:
+    """The calls in flight of one concurrent embed: the first failure stops them all (their
+    gRPC calls are cancelled, the requests not yet sent are not sent, retry waits end)."""
 
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._active: set[grpc.Future] = set()
 
-_RETRYABLE = (ServiceUnavailableError, ServerBusyError)
+    def run(self, start: Callable[..., grpc.Future], *args: Any, **kwargs: Any) -> Any:
+        future = start(*args, **kwargs)
+        with self._lock:
+            self._active.add(future)
+            if self.stopped.is_set():
+                future.cancel()
+        try:
+            return future.result()
+        finally:
+            with self._lock:
+                self._active.discard(future)
 
-
-def _read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise ValueError(f"{what}: cannot read {os.fspath(path)!r}: {exc.strerror}") from None
-
-
-def tls_credentials(
-    ca_file: str | os.PathLike[str] | None = None,
-    cert_file: str | os.PathLike[str] | None = None,
-    key_file: str | os.PathLike[str] | None = None,
-) -> grpc.ChannelCredentials:
-    """TLS channel credentials from PEM files: ``ca_file`` to verify the server (None: the
-    system's bundle), ``cert_file`` with ``key_file`` for a client certificate (mutual TLS)."""
-    if (cert_file is None) != (key_file is None):
-        raise ValueError("tls_cert_file and tls_key_file go together (mutual TLS needs both)")
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca_file, "tls_ca_file"),
-        private_key=_read(key_file, "tls_key_file"),
-        certificate_chain=_read(cert_file, "tls_cert_file"),
-    )
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped.set()
+            for future in self._active:
+                future.cancel()
 
 
-class Client:
+class Client(BaseClient):
     """A connection to a Quotient server.
 
     1. ``Client(target)`` opens a channel (lazily: nothing is sent until the first call).
-       ``api_key`` (default: the environment variable ``QUOTIENT_API_KEY``) is sent with every
-       call as ``authorization: Bearer <key>``. TLS: ``tls=True`` verifies the server against
-       the system's CA bundle, ``tls_ca_file`` against that bundle instead, and ``tls_cert_file``
-       with ``tls_key_file`` present a client certificate (mutual TLS); any of them turns TLS on.
-       ``tls_server_name`` overrides the name checked in the server's certificate. ``credentials``
+       ``target`` is ``host:port`` (or any gRPC target, e.g. ``dns:///name:port``);
+       ``grpcs://host[:port]`` turns TLS on (port 443 by default), ``grpc://host[:port]`` is
+       plain text (port 50051). ``api_key`` (default: the environment variable
+       ``QUOTIENT_API_KEY``) is sent with every call as ``authorization: Bearer <key>``. TLS:
+       ``tls=True`` verifies the server against the system's CA bundle, ``tls_ca_file``
+       against that bundle instead, and ``tls_cert_file`` with ``tls_key_file`` present a
+       client certificate (mutual TLS); any of them turns TLS on. ``tls_server_name``
+       overrides the name checked in the server's certificate. ``credentials``
        (``grpc.ChannelCredentials``) replaces all of them; ``metadata`` is sent with every call.
        ``load_balancing="round_robin"`` spreads calls over every address the target resolves
        to (a Kubernetes headless Service: ``dns:///quotient-headless.ns:50051``).
-    2. ``embed_images`` / ``embed_molecules`` split the caller's items into requests of at most
-       ``batch_size`` items (and of the model's ``max_inputs_per_request``, and under
-       ``max_message_bytes``), send them in order and return one float32 row per item;
-       ``decode`` turns a molecule model's default embeddings back into molecules.
+    2. ``embed`` / ``embed_images`` / ``embed_molecules`` split the caller's items into requests
+       of at most ``batch_size`` items (and of the model's ``max_inputs_per_request``, and under
+       ``max_message_bytes``), send up to ``concurrency`` of them at once (default: the
+       client's, 1) and return one float32 row per item, in the caller's order; ``decode`` turns
+       a molecule model's default embeddings back into molecules.
     3. Model descriptions are fetched once per name and cached; the default model of a modality
        is resolved through ``list_models`` once.
     4. ``close()`` (or leaving a ``with`` block) closes the channel.
 
-    ``timeout`` (seconds, None for none) applies to each call; failures raise the typed
-    subclasses of ``QuotientError``; item indices in them are the caller's. Thread-safe.
+    ``timeout`` (seconds, None for none) applies to each call; UNAVAILABLE and
+    RESOURCE_EXHAUSTED are retried up to ``retries`` times (exponential backoff from
+    ``retry_backoff`` seconds with full jitter, at most ``retry_backoff_max``, at least the
+    server's retry hint); failures raise the typed subclasses of ``QuotientError``; item
+    indices in them are the caller's. Thread-safe.
     """
 
-    def __init__(
+    def _open(
         self,
-        target: str = DEFAULT_TARGET,
-        *,
-        timeout: float | None = 30.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: Metadata | None = None,
-        options: Sequence[tuple[str, Any]] | None = None,
-        api_key: str | None = None,
-        tls: bool = False,
-        tls_ca_file: str | os.PathLike[str] | None = None,
-        tls_cert_file: str | os.PathLike[str] | None = None,
-        tls_key_file: str | os.PathLike[str] | None = None,
-        tls_server_name: str | None = None,
-        load_balancing: str | None = None,
-        retries: int = 3,
-        retry_backoff: float = 0.1,
-        retry_backoff_max: float = 10.0,
-    ) -> None:
-        if retries < 0 or retry_backoff < 0 or retry_backoff_max < retry_backoff:
-            raise ValueError(
-                "retries and retry_backoff must not be negative, and retry_backoff_max must be at "
-                f"least retry_backoff (got {retries}, {retry_backoff}, {retry_backoff_max})"
-            )
-        self.retries, self.retry_backoff, self.retry_backoff_max = (
-            retries,
-            retry_backoff,
-            retry_backoff_max,
-        )
-        self.retried = 0  # retries made so far, all calls together
-        self.target, self.timeout, self.max_message_bytes = target, timeout, max_message_bytes
-        pairs = list(metadata.items() if isinstance(metadata, Mapping) else (metadata or ()))
-        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-        if api_key:
-            if any(k.lower() == "authorization" for k, _ in pairs):
-                raise ValueError("pass either api_key or an 'authorization' metadata entry")
-            pairs.append(("authorization", f"Bearer {api_key.strip()}"))
-        self._metadata: tuple[tuple[str, str], ...] | None = tuple(pairs) or None
-        channel_options: list[tuple[str, Any]] = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
-        if tls_server_name:
-            channel_options.append(("grpc.ssl_target_name_override", tls_server_name))
-        if load_balancing:
-            config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
-            channel_options.append(("grpc.service_config", json.dumps(config)))
-        channel_options += list(options or ())
-        if credentials is None and (tls or tls_ca_file or tls_cert_file or tls_key_file):
-            credentials = tls_credentials(tls_ca_file, tls_cert_file, tls_key_file)
+        address: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: list[tuple[str, Any]],
+    ) -> grpc.Channel:
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=channel_options)
+            channel = grpc.insecure_channel(address, options=options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
-        self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
-        self._models: dict[str, ModelInfo] = {}
-        self._defaults: dict[str, str] = {}
+            channel = grpc.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.EmbeddingServiceStub(channel)
+        return channel
 
     def __enter__(self) -> Client:
         return self
@@ -167,28 +130,26 @@ class Client:
     ) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"Client({self.target!r})"
-
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
         self._channel.close()
 
-    def _call(self, method: Any, request: Any, offset: int = 0) -> Any:
-        """One call; UNAVAILABLE and RESOURCE_EXHAUSTED are retried up to ``retries`` times,
-        after exponential backoff with full jitter, and at least the server's retry hint.
-        Nothing else is retried: a bad request stays bad."""
+    def _call(self, method: Any, request: Any, offset: int = 0, calls: _Calls | None = None) -> Any:
+        """One call, retried as the class docstring says. Nothing else is retried: a bad
+        request stays bad. With ``calls``, the call can be stopped from another thread."""
         for attempt in itertools.count():
             try:
-                return method(request, timeout=self.timeout, metadata=self._metadata)
+                if calls is None:
+                    return method(request, timeout=self.timeout, metadata=self._metadata)
+                return calls.run(
+                    method.future, request, timeout=self.timeout, metadata=self._metadata
+                )
             except grpc.RpcError as err:
-                error = error_from_rpc(err, offset)
-                if attempt >= self.retries or not isinstance(error, _RETRYABLE):
-                    raise error from err
-                ceiling = min(self.retry_backoff_max, self.retry_backoff * 2**attempt)
-                hint = error.retry_after or 0.0
-                time.sleep(min(self.retry_backoff_max, max(hint, random.uniform(0, ceiling))))
-                self.retried += 1
+                delay = self._retry_delay(err, attempt, offset)
+                if calls is None:
+                    time.sleep(delay)
+                elif calls.stopped.wait(delay):
+                    raise error_from_rpc(err, offset) from err
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ models and health
@@ -220,17 +181,11 @@ class Client:
 
     def list_models(self) -> list[ModelInfo]:
         """Every model the server serves, in name order (all pages)."""
-        models: list[ModelInfo] = []
-        token, seen = "", set()
-        while True:
-            page = self._call(self._stub.ListModels, pb.ListModelsRequest(page_token=token))
-            models += [ModelInfo.from_proto(m) for m in page.models]
-            token = page.next_page_token
-            if not token or token in seen:  # a repeated token would loop forever
-                break
-            seen.add(token)
-        self._models.update((m.name, m) for m in models)
-        return models
+        pager = ModelPager()
+        while (request := pager.request()) is not None:
+            pager.add(self._call(self._stub.ListModels, request))
+        self._models.update((m.name, m) for m in pager.models)
+        return pager.models
 
     def get_model(self, name: str) -> ModelInfo:
         """The description of model ``name``; raises ``ModelNotFoundError``."""
@@ -239,27 +194,53 @@ class Client:
         return info
 
     def _model(self, name: str | None, modality: str) -> ModelInfo:
-        if name is None:
-            if modality not in self._defaults:
-                names = [m.name for m in self.list_models() if m.modality == modality]
-                if not names:
-                    raise ModelNotFoundError(
-                        f"the server at {self.target} serves no {modality} model",
-                        code=grpc.StatusCode.NOT_FOUND,
-                    )
-                if len(names) > 1:
-                    raise ValueError(
-                        f"the server serves several {modality} models "
-                        f"({', '.join(names)}); choose one with model=..."
-                    )
-                self._defaults[modality] = names[0]
-            name = self._defaults[modality]
-        info = self._models.get(name) or self.get_model(name)
-        if info.modality not in (modality, "unspecified"):
-            raise ValueError(f"model {name!r} embeds {info.modality}s, not {modality}s")
-        return info
+        name = self._known(name, modality) or self._default(self.list_models(), modality)
+        return self._checked(self._models.get(name) or self.get_model(name), modality)
+
+    def _choose(
+        self, items: Any, modality: str | None, model: str | None
+    ) -> tuple[ModelInfo, str, Any]:
+        """The model and modality of an ``embed`` call (``choose_modality`` says how), and the
+        items again."""
+        info = (self._models.get(model) or self.get_model(model)) if model is not None else None
+        served = self.list_models() if model is None and modality is None else None
+        modality, items = choose_modality(items, modality, info, served)
+        return self._model(model, modality), modality, items
 
     # ------------------------------------------------------------------ embeddings
+    def embed(
+        self,
+        items: Any,
+        *,
+        modality: str | None = None,
+        model: str | None = None,
+        projection: str | None = None,
+        model_version: str | None = None,
+        batch_size: int | None = None,
+        concurrency: int | None = None,
+        progress: bool | None = None,
+    ) -> Embeddings:
+        """Embed images or molecules → ``Embeddings``: float32 ``vectors`` [n, dimension] in
+        the caller's order, ``poses`` (NaN where the projection computes none) and their
+        ``spec`` (model, the version that answered, projection, dimension, metric), which the
+        vector stores, clustering and exports check.
+
+        ``modality`` ("image" or "molecule") defaults to ``model``'s, else to the only one the
+        server serves, else to what the items are (arrays, PIL images, bytes and ``Path``\\s
+        are images, RDKit ``Mol``\\s molecules); ``str`` items are ambiguous (a path or a
+        SMILES) and need ``modality`` or ``model``. Items as for ``embed_images`` /
+        ``embed_molecules``; ``batch_size`` defaults to 64 images or 256 molecules a request.
+        ``concurrency`` requests are in flight at once (default: the client's); the first
+        failure stops the others and raises, naming the caller's item index. ``progress``:
+        None shows a bar on stderr when it is a terminal and the call takes more than one
+        request (needs tqdm); True or False force it."""
+        info, modality, items = self._choose(items, modality, model)
+        job, inputs = self._job(
+            info, modality, items, projection, model_version, batch_size, progress
+        )
+        self._run(job, inputs, self._workers(concurrency))
+        return job.embeddings()
+
     @overload
     def embed_images(
         self,
@@ -270,6 +251,8 @@ class Client:
         model_version: str | None = ...,
         batch_size: int = ...,
         return_poses: Literal[False] = ...,
+        concurrency: int | None = ...,
+        progress: bool | None = ...,
     ) -> np.ndarray: ...
     @overload
     def embed_images(
@@ -281,6 +264,8 @@ class Client:
         model_version: str | None = ...,
         batch_size: int = ...,
         return_poses: Literal[True],
+        concurrency: int | None = ...,
+        progress: bool | None = ...,
     ) -> tuple[np.ndarray, np.ndarray]: ...
     @overload
     def embed_images(
@@ -292,6 +277,8 @@ class Client:
         model_version: str | None = ...,
         batch_size: int = ...,
         return_poses: bool,
+        concurrency: int | None = ...,
+        progress: bool | None = ...,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
 
     def embed_images(
@@ -303,22 +290,32 @@ class Client:
         model_version: str | None = None,
         batch_size: int = 64,
         return_poses: bool = False,
+        concurrency: int | None = None,
+        progress: bool | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Embed one image or an iterable of images → float32 array [n, dimension].
 
         An image is a file path (str or ``os.PathLike``), encoded file bytes (PNG, JPEG, ...), a
         numpy array (HxW or HxWx{1,3,4}; uint8, or float in [0, 1]) or a PIL image. ``model``
         defaults to the server's only image model; ``projection`` to the model's default. With
-        ``return_poses`` the answer is ``(embeddings, poses)``, poses [n] float64 in degrees, NaN
-        where the projection computes none. Bad local items raise ``ValueError`` (``TypeError``,
-        ``OSError`` for unreadable paths) naming the item's index. ``model_version`` pins the
-        model's version: a server serving another raises ``FailedPreconditionError`` (reason
+        ``return_poses`` the answer is ``(embeddings, poses)``, poses [n] float64 in degrees
+        (the rotation of each image relative to the model's canonical orientation; only
+        differences between poses are meaningful); a projection that computes no pose raises
+        ``ValueError``. Bad local items raise ``ValueError`` (``TypeError``, ``OSError`` for
+        unreadable paths) naming the item's index. ``model_version`` pins the model's
+        version: a server serving another raises ``FailedPreconditionError`` (reason
         ``MODEL_VERSION_MISMATCH``); without it, a call whose requests were answered by
         different versions (the server was upgraded meanwhile) raises ``QuotientError``.
+        ``concurrency`` and ``progress`` as for ``embed``.
         """
-        values, poses = self._embed(
-            "image", image_inputs(images), model, projection, batch_size, model_version
+        info = self._model(model, "image")
+        job, inputs = self._job(
+            info, "image", images, projection, model_version, batch_size, progress
         )
+        if return_poses:
+            job.check_poses()
+        self._run(job, inputs, self._workers(concurrency))
+        values, poses = job.arrays()
         return (values, poses) if return_poses else values
 
     def embed_molecules(
@@ -329,13 +326,56 @@ class Client:
         projection: str | None = None,
         model_version: str | None = None,
         batch_size: int = 256,
+        concurrency: int | None = None,
+        progress: bool | None = None,
     ) -> np.ndarray:
         """Embed one molecule or an iterable of them → float32 array [n, dimension]. A molecule
         is a SMILES str, MolBlock or single-record SDF text (a str with line breaks), or an
         RDKit ``Mol``. ``model`` defaults to the server's only molecule model;
-        ``model_version`` as for ``embed_images``."""
-        inputs = molecule_inputs(molecules)
-        return self._embed("molecule", inputs, model, projection, batch_size, model_version)[0]
+        ``model_version`` as for ``embed_images``, ``concurrency`` and ``progress`` as for
+        ``embed``."""
+        info = self._model(model, "molecule")
+        job, inputs = self._job(
+            info, "molecule", molecules, projection, model_version, batch_size, progress
+        )
+        self._run(job, inputs, self._workers(concurrency))
+        return job.arrays()[0]
+
+    def _run(self, job: EmbedJob, inputs: Iterable[pb.Input], concurrency: int) -> None:
+        """Send ``job``'s requests, at most ``concurrency`` at once; inputs are encoded only as
+        room frees up (one request ahead), so a long iterator never sits in memory."""
+        try:
+            if concurrency == 1:
+                for start, count, request in job.requests(inputs):
+                    job.answer(start, count, self._embed_call(job, request, start))
+                return
+            calls = _Calls()
+            pending: dict[Future[pb.EmbedResponse], tuple[int, int]] = {}
+            with ThreadPoolExecutor(concurrency, thread_name_prefix="quotient-embed") as pool:
+                try:
+                    for start, count, request in job.requests(inputs):
+                        while len(pending) >= concurrency:
+                            _settle(job, pending)
+                        submitted = pool.submit(self._embed_call, job, request, start, calls)
+                        pending[submitted] = start, count
+                    while pending:
+                        _settle(job, pending)
+                except BaseException:
+                    calls.stop()
+                    for future in pending:
+                        future.cancel()
+                    raise
+        finally:
+            job.close()
+
+    def _embed_call(
+        self, job: EmbedJob, request: pb.EmbedRequest, start: int, calls: _Calls | None = None
+    ) -> pb.EmbedResponse:
+        try:
+            return self._call(self._stub.Embed, request, offset=start, calls=calls)
+        except ModelNotFoundError:
+            self._forget(job.info.name)
+            raise
 
     def decode(
         self,
@@ -351,83 +391,47 @@ class Client:
         molecule model; a model without a decoder raises ``FailedPreconditionError``, and so
         does a ``model_version`` the server does not serve (embeddings decode only with the
         version that made them)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        rows = [np.asarray(row, np.float32).ravel() for row in embeddings]
         name = model if model is not None else self._model(None, "molecule").name
-        cached = self._models.get(name)
-        limit = cached.input_limits.max_inputs_per_request if cached is not None else 0
-        per_request = min(batch_size, limit) if limit > 0 else batch_size
-        out: list[DecodedMolecule] = []
-        for start in range(0, len(rows), per_request):
-            chunk = rows[start : start + per_request]
-            request = pb.DecodeRequest(
-                model=name,
-                embeddings=[pb.Embedding(values=r.tolist()) for r in chunk],
-                model_version=model_version or "",
-            )
-            response = self._call(self._stub.Decode, request, offset=start)
-            if len(response.molecules) != len(chunk):
-                raise QuotientError(
-                    f"the server returned {len(response.molecules)} molecules for "
-                    f"{len(chunk)} embeddings"
-                )
-            out += [DecodedMolecule(m.smiles or None, m.reason or None) for m in response.molecules]
-        return out
+        job = DecodeJob.of(embeddings, name, self._models.get(name), batch_size, model_version)
+        for start, request in job.requests():
+            job.answer(request, self._call(self._stub.Decode, request, offset=start))
+        return job.molecules
 
-    def _embed(
-        self,
-        modality: str,
-        inputs: Iterable[pb.Input],
-        model: str | None,
-        projection: str | None,
-        batch_size: int,
-        model_version: str | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        info = self._model(model, modality)
-        limit = info.input_limits.max_inputs_per_request
-        per_request = min(batch_size, limit) if limit > 0 else batch_size
-        values, poses, versions = [], [], set()
-        for start, chunk in chunk_inputs(
-            inputs, per_request, self.max_message_bytes - _MESSAGE_SLACK
-        ):
-            request = pb.EmbedRequest(
-                model=info.name,
-                inputs=chunk,
-                projection=projection or "",
-                model_version=model_version or "",
-            )
-            try:
-                response = self._call(self._stub.Embed, request, offset=start)
-            except ModelNotFoundError:  # the server's models changed: forget what we cached
-                self._models.pop(info.name, None)
-                self._defaults.clear()
-                raise
-            versions.add(response.model_version)
-            if len(versions) > 1:
-                raise QuotientError(
-                    f"model {info.name!r} changed version during this call "
-                    f"({', '.join(sorted(versions))}): its embeddings are not comparable; "
-                    "embed again, or pin model_version="
-                )
-            chunk_values, chunk_poses = _decode(response, len(chunk))
-            values.append(chunk_values)
-            poses.append(chunk_poses)
-        if not values:
-            described = info.projection(projection)
-            dimension = described.dimension if described is not None else 0
-            return np.zeros((0, dimension), np.float32), np.zeros(0, np.float64)
-        return np.concatenate(values), np.concatenate(poses)
-
+    # ------------------------------------------------------------------ streams
     def embed_stream(
-        self, requests: Iterable[pb.EmbedRequest], *, timeout: float | None = None
+        self,
+        items: Any,
+        *,
+        modality: str | None = None,
+        model: str | None = None,
+        projection: str | None = None,
+        model_version: str | None = None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """Embed over one ``EmbedStream``: the requests are sent while the answers come back.
+
+        With the same items as ``embed`` (and the same ``modality``, ``model``, ...), yields one
+        ``Embeddings`` per request (``batch_size`` items each, the last one shorter), in the
+        caller's order; a failed request raises its typed error, naming the caller's item
+        index, after the answers before it. Low-level: with protobuf ``EmbedRequest``\\s,
+        yields one ``EmbedStreamResponse`` per request, in order, a failed request answered in
+        the stream (``response.error``; ``error_from_status`` turns it into the exception).
+        A failure of the stream itself raises ``QuotientError``; ``timeout`` bounds the whole
+        stream (None: unbounded); streams are not retried."""
+        raw, items = is_request_stream(items)
+        if raw:
+            return self._raw_stream(items, timeout)
+        info, modality, items = self._choose(items, modality, model)
+        job, inputs = self._job(
+            info, modality, items, projection, model_version, batch_size, progress
+        )
+        return self._stream(job, inputs, timeout)
+
+    def _raw_stream(
+        self, requests: Iterable[pb.EmbedRequest], timeout: float | None
     ) -> Iterator[pb.EmbedStreamResponse]:
-        """Low-level ``EmbedStream``: one ``EmbedStreamResponse`` per request, in order. A failed
-        request is answered in the stream (``response.error``; turn it into an exception with
-        ``error_from_status``); a failure of the stream itself raises ``QuotientError``.
-        ``timeout`` bounds the whole stream (None: unbounded)."""
         try:
             yield from self._stub.EmbedStream(
                 iter(requests), timeout=timeout, metadata=self._metadata
@@ -435,18 +439,39 @@ class Client:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from err
 
+    def _stream(
+        self, job: EmbedJob, inputs: Iterable[pb.Input], timeout: float | None
+    ) -> Iterator[Embeddings]:
+        # gRPC draws the requests in a thread of its own and would swallow an error there (a
+        # bad item): keep it, end the requests, and raise it here after the answers before it.
+        sent: collections.deque[tuple[int, int]] = collections.deque()
+        failed: list[BaseException] = []
 
-def _decode(response: pb.EmbedResponse, expected: int) -> tuple[np.ndarray, np.ndarray]:
-    embeddings = response.embeddings
-    if len(embeddings) != expected:
-        raise QuotientError(
-            f"the server returned {len(embeddings)} embeddings for {expected} inputs"
-        )
-    dimension = len(embeddings[0].values)
-    flat = np.fromiter(itertools.chain.from_iterable(e.values for e in embeddings), np.float32)
-    if flat.size != expected * dimension:
-        raise QuotientError("the server returned embeddings of different lengths")
-    poses = np.array(
-        [e.pose.rotation_degrees if e.HasField("pose") else np.nan for e in embeddings], np.float64
-    )
-    return flat.reshape(expected, dimension), poses
+        def requests() -> Iterator[pb.EmbedRequest]:
+            try:
+                for start, count, request in job.requests(inputs):
+                    sent.append((start, count))
+                    yield request
+            except Exception as exc:
+                failed.append(exc)
+
+        try:
+            for answer in self._stub.EmbedStream(
+                requests(), timeout=timeout, metadata=self._metadata
+            ):
+                yield job.stream_answer(*sent.popleft(), answer)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+        finally:
+            job.close()
+        if failed:
+            raise failed[0]
+
+
+def _settle(job: EmbedJob, pending: dict[Future[pb.EmbedResponse], tuple[int, int]]) -> None:
+    """Wait for one or more of the calls in flight and take their answers (raising the first
+    failure)."""
+    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+    for future in done:
+        start, count = pending.pop(future)
+        job.answer(start, count, future.result())

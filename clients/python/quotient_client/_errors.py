@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+import grpc.aio
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -33,6 +34,9 @@ __all__ = [
 
 _FIELD_INDEX = re.compile(r"^(inputs|embeddings)\[(\d+)\]")
 _BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+# A failed call: a finished grpc.Call (sync), or grpc.aio's AioRpcError, which is no grpc.Call
+# but has the same code(), details() and trailing_metadata().
+_FAILED_CALL = (grpc.Call, grpc.aio.AioRpcError)
 
 
 class QuotientError(Exception):
@@ -175,10 +179,11 @@ def _build(
 
 def error_from_rpc(err: grpc.RpcError, offset: int = 0) -> QuotientError:
     """The typed exception for a failed call; item indices are shifted by ``offset``."""
-    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    message = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
+    failed = isinstance(err, _FAILED_CALL)
+    code = err.code() if failed else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+    message = (err.details() if failed else None) or str(err)  # type: ignore[attr-defined]
     try:
-        status = rpc_status.from_call(err) if isinstance(err, grpc.Call) else None
+        status = rpc_status.from_call(err) if failed else None
     except ValueError:  # trailer disagrees with the status line: trust the status line
         status = None
     return _build(code, message, status.details if status is not None else (), offset)

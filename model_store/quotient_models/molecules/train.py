@@ -270,8 +270,9 @@ def export(
     name = out.name
     spec = {
         "name": name,
-        # 1.1: the fixed 6-epoch plan (1.0 fitted epochs to a budget); 1.2: type coordinates
-        "version": "1.2.0",
+        # 1.1: the fixed 6-epoch plan (1.0 fitted epochs to a budget); 1.2: type coordinates;
+        # 1.3: padding rows (pad_value, 0, ..., 0) instead of all 2.0 (projections.py)
+        "version": "1.3.0",
         "description": "Permutation-invariant QM9 molecule embeddings: graph VAE, "
         f"{cfg.latent_dim} latent dimensions per heavy atom, sorted-row projection "
         + ("(rows ordered by atom type, then latent) " if keys else "")

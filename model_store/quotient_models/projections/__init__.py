@@ -7,9 +7,10 @@ from quotient_models.projections._cyclic import (
     group_mean,
     max_filter,
 )
-from quotient_models.projections._types import ProjectionInfo, ProjectionOutput
+from quotient_models.projections._types import METRICS, ProjectionInfo, ProjectionOutput
 
 __all__ = [
+    "METRICS",
     "CyclicProjectionHead",
     "ProjectionInfo",
     "ProjectionOutput",
