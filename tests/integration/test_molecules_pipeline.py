@@ -106,7 +106,7 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
             *("raw_canonical", "raw_canonical_ranks"),
         }
     card = (out / "MODEL_CARD.md").read_text()
-    assert "## Limits" in card and "acceptance checks" in card and "raw (renumbered)" in card
+    assert "## Limits" in card and "## Acceptance checks" in card and "raw (renumbered)" in card
     assert "raw (canonical)" in card and "raw (ranks)" in card and "fixed plan of 1 epochs" in card
     assert misses[0]["input"] in card.split("## Limits")[1]
     assert "Seed spread" in card and "Seeds in which the MAE is below raw (QM9 order)" in card

@@ -1,4 +1,5 @@
-"""Sorted / pooled projections of node latents (PAPER.md, case 1): invariance, ties, lossless."""
+"""Sorted / pooled projections of node latents (Hansen et al., ICML 2024, case 1): invariance,
+ties, lossless."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Properties of the cyclic projections on random latents (PAPER.md, case 2)."""
+"""Properties of the cyclic projections on random latents (Hansen et al., ICML 2024, case 2)."""
 
 from __future__ import annotations
 

@@ -65,6 +65,9 @@ MISS_EXAMPLES = 8
 TARGETS = ("gap", "alpha")
 
 
+PAPER = "Hansen, Calissano & Feragen, *Interpreting Equivariant Representations*, ICML 2024"
+
+
 def _embed_arrays(
     model: MoleculeModel, arrays: dict[str, np.ndarray], batch: int = 4096
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -992,7 +995,8 @@ def write_card(model_dir: Path) -> None:
     if "latent_width" in metrics:
         lines += [
             "",
-            "Latent width (PAPER.md case 1): a model trained with the same settings and epoch "
+            f"Latent width ({PAPER}, case 1: permutation-equivariant node latents): a model "
+            "trained with the same settings and epoch "
             "count but one latent per atom (`--latent-dim 1 --epochs 6`; sorting is then "
             "isometric) against this one; test split, regression with hgb as above. "
             "`python -m quotient_models.molecules.evaluate latent_width --other DIR`.",
@@ -1023,7 +1027,7 @@ def write_card(model_dir: Path) -> None:
             )
     checks = requirements(metrics)
     if checks:
-        lines += ["", "## Issue 3 acceptance checks (computed from metrics.json)", ""]
+        lines += ["", "## Acceptance checks (computed from metrics.json)", ""]
         lines += [f"- {k}: {'yes' if v else 'NO'}" for k, v in checks.items()]
         lost = [k for k, v in checks.items() if k.endswith("raw_qm9_order") and not v]
         n_pairs = sum(k.endswith("raw_qm9_order") for k in checks)
@@ -1098,7 +1102,7 @@ def write_card(model_dir: Path) -> None:
         ),
         "- The sorted/raw agreement holds by construction: decoding always puts the rows in the "
         "canonical sorted order first, so both reach the decoder bit-identically.",
-        "- With d > 1 the lexicographic sort is lossless but not isometric (PAPER.md case 1): "
+        f"- With d > 1 the lexicographic sort is lossless but not isometric ({PAPER}, case 1): "
         "distances between sorted embeddings can exceed the orbit distance, and a small change "
         "of a first coordinate can reorder rows. Sorted embeddings of one molecule under "
         "renumbering agree to float precision (table above).",

@@ -1,4 +1,4 @@
-"""Projections of permutation-equivariant node latents (PAPER.md, case 1).
+"""Projections of permutation-equivariant node latents (Hansen et al., ICML 2024, case 1).
 
 A molecule's latent is Z ∈ R^{n×d}, one row per heavy atom; renumbering the atoms permutes the
 rows. A batch travels padded to the model's maximum atom count N as ``z`` [B, N, d] with a boolean

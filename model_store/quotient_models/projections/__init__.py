@@ -1,4 +1,5 @@
-"""Invariant projections of equivariant latents (PAPER.md): cyclic-group heads for images."""
+"""Invariant projections of equivariant latents (Hansen, Calissano & Feragen, ICML 2024):
+cyclic-group heads for images."""
 
 from quotient_models.projections._cyclic import (
     CyclicProjectionHead,

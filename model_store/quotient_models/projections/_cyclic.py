@@ -1,4 +1,4 @@
-"""Projections of C_N-equivariant latents made of regular fields (PAPER.md, case 2).
+"""Projections of C_N-equivariant latents made of regular fields (Hansen et al., ICML 2024, case 2).
 
 A latent z has shape [B, C, N]: C fields, each a vector over the N rotations of the group C_N.
 Rotating the input by 360/N degrees rolls every field by the same step (``rotation_shift``,
