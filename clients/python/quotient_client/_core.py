@@ -32,7 +32,7 @@ from quotient_client._errors import (
     error_from_status,
 )
 from quotient_client._inputs import chunk_inputs, image_inputs, is_rdkit_mol, molecule_inputs
-from quotient_client._models import DecodedMolecule, ModelInfo, ProjectionInfo
+from quotient_client._models import DecodedMolecule, ModelInfo
 from quotient_client.proto import embedding_service_pb2 as pb
 
 __all__ = [
@@ -442,14 +442,6 @@ class EmbedJob:
         values, poses = self.arrays()
         return Embeddings(values, self.spec(), poses)
 
-    def _described(self) -> ProjectionInfo:
-        name = self.served_projection or self.projection
-        described = self.info.projection(name)
-        if described is None:
-            known = ", ".join(p.name for p in self.info.projections)
-            raise ValueError(f"model {self.info.name!r} has no projection {name!r} ({known})")
-        return described
-
     def dimension(self) -> int:
         described = self.info.projection(self.served_projection or self.projection)
         return described.dimension if described is not None else 0
@@ -457,16 +449,8 @@ class EmbedJob:
     def spec(self) -> EmbeddingSpec:
         """What these vectors are: the model, the version that answered (the description's
         when nothing was sent), the projection, its dimension and metric."""
-        described = self._described()
-        version = next(iter(self.versions), "") or self.model_version or self.info.version
-        return EmbeddingSpec(
-            model=self.info.name,
-            version=version,
-            projection=described.name,
-            dimension=described.dimension,
-            metric=described.metric,  # GetModel's; "l2" from a server that states none
-            normalized=described.normalized,
-        )
+        version = next(iter(self.versions), "") or self.model_version or None
+        return self.info.spec(self.served_projection or self.projection, version)
 
     def check_poses(self) -> None:
         """``return_poses`` with a projection that computes none is a mistake: say so, rather

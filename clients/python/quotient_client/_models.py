@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from quotient_client._embeddings import EmbeddingSpec
 from quotient_client.proto import embedding_service_pb2 as pb
 
 __all__ = [
@@ -108,6 +109,25 @@ class ModelInfo:
         """The projection called ``name`` (the default one when None), or None if unknown."""
         wanted = name or self.default_projection
         return next((p for p in self.projections if p.name == wanted), None)
+
+    def spec(self, projection: str | None = None, version: str | None = None) -> EmbeddingSpec:
+        """The ``EmbeddingSpec`` of this model's ``projection`` (the default when None) at
+        ``version`` (the described one when None); ``ValueError`` for an unknown projection."""
+        described = self.projection(projection)
+        if described is None:
+            known = ", ".join(p.name for p in self.projections)
+            raise ValueError(
+                f"model {self.name!r} has no projection "
+                f"{projection or self.default_projection!r} (it has {known})"
+            )
+        return EmbeddingSpec(
+            model=self.name,
+            version=version or self.version,
+            projection=described.name,
+            dimension=described.dimension,
+            metric=described.metric,  # GetModel's; "l2" from a server that states none
+            normalized=described.normalized,
+        )
 
     @classmethod
     def from_proto(cls, model: pb.Model) -> ModelInfo:

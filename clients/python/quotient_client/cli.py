@@ -259,19 +259,7 @@ def cmd_embed(args: argparse.Namespace, report: Report) -> int:
 
 def _store_spec(client: Client, model: str, projection: str | None) -> EmbeddingSpec:
     """The spec embeddings of ``model`` / ``projection`` will have (the version served now)."""
-    info = client.get_model(model)
-    described = info.projection(projection)
-    if described is None:
-        known = ", ".join(p.name for p in info.projections)
-        raise Fatal(f"model {model!r} has no projection {projection!r} (it has {known})")
-    return EmbeddingSpec(
-        model=info.name,
-        version=info.version,
-        projection=described.name,
-        dimension=described.dimension,
-        metric=getattr(described, "metric", "l2") or "l2",
-        normalized=bool(getattr(described, "normalized", False)),
-    )
+    return client.get_model(model).spec(projection)
 
 
 def cmd_index_add(args: argparse.Namespace, report: Report) -> int:

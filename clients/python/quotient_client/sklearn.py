@@ -98,27 +98,15 @@ class QuotientEmbedder(TransformerMixin, BaseEstimator):  # type: ignore[misc]
             )
         self.close()  # the parameters may have changed since the last connection
         info = self._describe(self._connect())
-        described = info.projection(self.projection)
-        if described is None:
-            names = ", ".join(p.name for p in info.projections)
-            raise ValueError(
-                f"model {info.name!r} has no projection {self.projection!r} (it has {names})"
-            )
+        spec = info.spec(self.projection)
         if self.model_version is not None and info.version != self.model_version:
             raise SpecMismatchError(
                 f"model {info.name!r} is served at version {info.version}, not "
                 f"{self.model_version!r} (model_version=)"
             )
-        self.spec_ = EmbeddingSpec(
-            model=info.name,
-            version=info.version,
-            projection=described.name,
-            dimension=described.dimension,
-            metric=str(getattr(described, "metric", "") or "l2"),
-            normalized=bool(getattr(described, "normalized", False)),
-        )
+        self.spec_ = spec
         self.model_version_ = info.version
-        self.n_features_out_ = described.dimension
+        self.n_features_out_ = spec.dimension
         return self
 
     def transform(self, X: Any) -> np.ndarray:
