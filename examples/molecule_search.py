@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=Path, help="the index folder (default: a temporary one)")
     parser.add_argument("--query", action="append", help="a SMILES to search (repeatable)")
     parser.add_argument("-k", type=int, default=5, help="hits per query (default 5)")
+    parser.add_argument(
+        "--model",
+        default="qm9-vae",
+        help="the molecule model (default qm9-vae; druglike-vae for drugs)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -109,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch, Client(args.target) as client:
         folder = args.index or Path(scratch) / "library.index"
         try:
-            embedded = client.embed([e.smiles for e in library], modality="molecule")
+            embedded = client.embed(
+                [e.smiles for e in library], modality="molecule", model=args.model
+            )
         except InvalidInputError as e:  # name the line of the library, not the list index
             bad = library[e.index] if e.index is not None else None
             where = f"{args.library}:{bad.line} ({bad.name})" if bad else str(args.library)

@@ -148,12 +148,31 @@ class ServiceHandle:
         self.lt.run(self.app.stop(0))
 
 
+COMMITTED_MODELS = Path(__file__).resolve().parents[1] / "model_store" / "models"
+
+
 @pytest.fixture(scope="session")
-def start_service(loop_thread: LoopThread) -> Iterator[Callable[..., ServiceHandle]]:
-    """``start_service(**settings)`` starts a server on port 0; all are stopped at the end."""
+def one_model_per_modality(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed rotmnist-c8 and qm9-vae (links), without druglike-vae: the store of tests
+    written for a server with one model per modality (the SDK picks a modality's model only when
+    it is the server's only one). druglike-vae has its own store in test_service_druglike.py, and
+    the container test serves all three."""
+    root = tmp_path_factory.mktemp("store-one-per-modality")
+    for name in ("qm9-vae", "rotmnist-c8"):
+        (root / name).symlink_to(COMMITTED_MODELS / name, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def start_service(
+    loop_thread: LoopThread, one_model_per_modality: Path
+) -> Iterator[Callable[..., ServiceHandle]]:
+    """``start_service(**settings)`` starts a server on port 0; all are stopped at the end.
+    Without ``model_store`` it serves ``one_model_per_modality``."""
     started: list[ServiceHandle] = []
 
     def start(**settings: Any) -> ServiceHandle:
+        settings.setdefault("model_store", str(one_model_per_modality))
         handle = ServiceHandle(loop_thread, **settings)
         started.append(handle)
         return handle

@@ -1,23 +1,33 @@
-"""Serving-time models: exported encoder + projection head, no escnn, no TorchServe.
+"""Serving-time models: the contract every model family follows, no escnn, no TorchServe.
 
 Lifecycle of a served model (the contract both backends use):
-1. ``load_model(model_dir, engine, device)`` reads model.json, the exported encoder (ONNX through
-   onnxruntime, or TorchScript through torch) and the stored projection references;
+1. ``load_model(model_dir, engine, device)`` reads model.json and calls its family's loader: the
+   module named by model.json's ``"family"`` (e.g. ``"family": "my_package.model"``), else by
+   convention ``quotient_models.<modality>s.model`` (``images.model``, ``molecules.model``). The
+   module exposes ``load(model_dir, engine, device, threads) -> EmbeddingModel``, which reads the
+   exported networks (ONNX through onnxruntime: ``OnnxSession``, or TorchScript through torch:
+   ``TorchSession``) and the stored projection references. No table here lists the families, so
+   adding one needs no edit to this module;
 2. ``model.prepare(input_bytes, limits)`` turns one client item into a model-ready array, raising
-   ``InputError`` with a reason for a bad item (called per item, before batching);
+   ``InputError`` with a reason for a bad item (called per item, before batching); the service
+   calls it through ``model.prepare_noted(input_bytes, limits, options)``, which also returns
+   what preparing changed in the item (``InputNote``s: a molecule's standardisation, its ignored
+   stereochemistry) and applies the request's ``PrepareOptions``;
 3. ``model.collate(items)`` stacks prepared items into named arrays (the wire batch);
 4. ``model.embed_batch(arrays, projection)`` runs the encoder and the projection;
 5. ``model.decode(values)`` (only where ``model.can_decode``): embeddings of the default projection
    [B, D] → one ``Decoded`` per row (``check_decode_values`` validates the rows first).
 ``quotient_models.serving.handle_payload`` wraps 3-5 for the TorchServe handler and the embedded
-backend alike.
+backend alike; ``model.warmup_inputs()`` gives the client items of the backends' warm-up batch.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,23 +35,21 @@ from typing import Protocol
 import numpy as np
 
 from quotient_models.errors import DeviceUnavailable, InputError, require
-from quotient_models.images.preprocess import (
-    FORMATS,
-    Framing,
-    decode_image,
-    header_pixels,
-    model_input,
-)
-from quotient_models.projections import CyclicProjectionHead, ProjectionInfo, ProjectionOutput
+from quotient_models.notes import InputNote
+from quotient_models.projections import ProjectionInfo, ProjectionOutput
 from quotient_models.spec import ModelSpec
 
 __all__ = [
     "ENGINES",
     "Decoded",
     "EmbeddingModel",
-    "ImageModel",
+    "Encoder",
     "InputLimits",
+    "OnnxSession",
+    "PrepareOptions",
+    "TorchSession",
     "check_decode_values",
+    "family_module",
     "load_model",
 ]
 
@@ -59,10 +67,19 @@ class InputLimits:
 
     max_input_bytes: int = 8 * 1024 * 1024
     max_pixels: int = 4096 * 4096
-    formats: tuple[str, ...] = FORMATS
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What a request asks of preparation (``EmbedRequest`` fields): ``standardize`` False turns
+    the model's standardisation off for the request's items (molecules embedded as sent)."""
+
+    standardize: bool = True
 
 
 class Encoder(Protocol):
+    """An exported network: its inputs in order → its outputs in order."""
+
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]: ...
 
 
@@ -70,10 +87,17 @@ class OnnxSession:
     """An exported network through ONNX Runtime: CUDA when asked for and available, else the CPU.
     Called with the network's inputs in order; returns its outputs in order."""
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(
+        self, path: Path, device: str = "cpu", threads: int = 0, dynamic_shapes: bool = False
+    ) -> None:
         ort = require("onnxruntime", ORT_HINT)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        if dynamic_shapes:
+            # ONNX Runtime's CPU arena keeps the largest block each shape asked for; with inputs
+            # whose sizes vary from call to call (atoms per batch) it grew past 10 GB while a
+            # drug-like evaluation decoded 2,000 molecules; without it memory follows the batch
+            options.enable_cpu_mem_arena = False
         providers: list = ["CPUExecutionProvider"]
         cuda = device.startswith("cuda")
         if cuda:
@@ -148,7 +172,8 @@ class TorchSession:
 
 
 class Decoded(Protocol):
-    """What one embedding decodes to: canonical SMILES, or the reason there is no molecule."""
+    """What one embedding decodes to: canonical SMILES, or the reason there is no molecule;
+    ``distance``: how far the decoded molecule embeds from the embedding (None: not measured)."""
 
     @property
     def smiles(self) -> str | None: ...
@@ -156,11 +181,17 @@ class Decoded(Protocol):
     @property
     def reason(self) -> str | None: ...
 
+    @property
+    def distance(self) -> float | None: ...
+
 
 class EmbeddingModel(ABC):
-    """A served model: spec, encoder, projections."""
+    """A served model: spec, encoder, projections (the lifecycle is the module's docstring)."""
 
     spec: ModelSpec
+    # input file formats ``prepare`` decodes (PIL names, GetModel's ``image_formats``); () where
+    # the inputs are not files of a format (SMILES)
+    input_formats: tuple[str, ...] = ()
 
     @abstractmethod
     def projections(self) -> list[ProjectionInfo]: ...
@@ -168,8 +199,26 @@ class EmbeddingModel(ABC):
     @abstractmethod
     def prepare(self, data: bytes, limits: InputLimits) -> np.ndarray: ...
 
+    def prepare_noted(
+        self, data: bytes, limits: InputLimits, options: PrepareOptions | None = None
+    ) -> tuple[np.ndarray, tuple[InputNote, ...]]:
+        """``prepare`` under the request's ``options``, with what preparing changed in the item
+        or ignored of it (``quotient_models.notes``), in order; this default changes nothing and
+        returns no notes. The service calls this one."""
+        return self.prepare(data, limits), ()
+
+    def standardization(self) -> list[tuple[str, str]]:
+        """The steps of the model's input standardisation as (name, what it does), in the
+        order they run (GetModel); none by default."""
+        return []
+
     @abstractmethod
     def collate(self, items: list[np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def warmup_inputs(self) -> list[bytes]:
+        """Client items (as ``prepare`` takes them, valid and small) for the warm-up batch a
+        backend runs before it serves (compiles kernels, allocates arenas)."""
 
     @abstractmethod
     def embed_batch(
@@ -181,8 +230,9 @@ class EmbeddingModel(ABC):
         """Whether ``decode`` turns embeddings back into inputs (False: no decoder)."""
         return False
 
-    def decode(self, values: np.ndarray) -> Sequence[Decoded]:
-        """Embeddings [B, D] of the default projection → one ``Decoded`` per row."""
+    def decode(self, values: np.ndarray, allow_inexact: bool = False) -> Sequence[Decoded]:
+        """Embeddings [B, D] of the default projection → one ``Decoded`` per row; a decode that
+        does not embed back to its row is refused unless ``allow_inexact``."""
         raise NotImplementedError(f"model {self.spec.name!r} has no decoder")
 
     def decode_input_error(self, values: np.ndarray) -> str | None:
@@ -209,59 +259,6 @@ class EmbeddingModel(ABC):
         return chosen
 
 
-class ImageModel(EmbeddingModel):
-    """A C_N-equivariant image encoder with its cyclic projection head."""
-
-    def __init__(self, spec: ModelSpec, encoder: Encoder, head: CyclicProjectionHead) -> None:
-        self.spec, self.encoder, self.head = spec, encoder, head
-        self.size = spec.input_size
-        # how content is centred and scaled in the frame (model.json "input.frame"; None: fitted)
-        self.framing = Framing.from_spec(spec.raw.get("input", {}).get("frame"))
-
-    def projections(self) -> list[ProjectionInfo]:
-        return self.head.describe()
-
-    def prepare(self, data: bytes, limits: InputLimits) -> np.ndarray:
-        pixels = decode_image(
-            data,
-            self.size,
-            max_input_bytes=limits.max_input_bytes,
-            max_pixels=limits.max_pixels,
-            framing=self.framing,
-        )
-        return pixels[None]  # [1, S, S]
-
-    def frame(self, images: np.ndarray) -> np.ndarray:
-        """Grayscale images [B, H, W] in [0, 1] → model inputs [B, S, S], as ``prepare`` makes
-        them from decoded files (polarity, frame, size): for measuring arrays without encoding."""
-        return np.stack(
-            [model_input(np.asarray(g, np.float32), self.size, self.framing) for g in images]
-        )
-
-    def input_pixels(self, data: bytes) -> int:
-        return header_pixels(data)
-
-    def collate(self, items: list[np.ndarray]) -> dict[str, np.ndarray]:
-        return {"image": np.stack(items).astype(np.float32)}
-
-    def latent(self, x: np.ndarray) -> np.ndarray:
-        """Encoder output of images [B, 1, S, S] as [B, C, N]."""
-        if x.ndim != 4 or x.shape[1:] != (1, self.size, self.size):
-            raise InputError(
-                f"expected images of shape [B, 1, {self.size}, {self.size}], got {list(x.shape)}"
-            )
-        z = self.encoder(np.asarray(x, dtype=np.float32))[0]
-        return z.reshape(len(x), self.head.fields, self.head.order)
-
-    def embed(self, x: np.ndarray, projection: str | None = None) -> ProjectionOutput:
-        return self.head.apply(self.resolve_projection(projection), self.latent(x))
-
-    def embed_batch(
-        self, arrays: dict[str, np.ndarray], projection: str | None = None
-    ) -> ProjectionOutput:
-        return self.embed(arrays["image"], projection)
-
-
 def check_decode_values(
     model: EmbeddingModel, rows: Sequence[np.ndarray] | np.ndarray
 ) -> np.ndarray:
@@ -284,35 +281,63 @@ def check_decode_values(
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), dimension)
 
 
-class _NoEncoder:
-    """The encoder where only preparation runs (the service in front of TorchServe)."""
+FAMILY_KEY = "family"
+_MODALITY = re.compile(r"^[a-z][a-z0-9_]*$")
 
-    def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
-        raise RuntimeError("this model was loaded without an encoder (engine=None)")
+
+def family_module(spec: ModelSpec) -> str:
+    """The module whose ``load`` serves this model: model.json's ``"family"``, else
+    ``quotient_models.<modality>s.model``."""
+    named = spec.raw.get(FAMILY_KEY)
+    if named is not None:
+        if not isinstance(named, str) or not named:
+            raise ValueError(
+                f"model {spec.name!r}: model.json {FAMILY_KEY!r} must name a module "
+                f"(e.g. 'my_package.model'), got {named!r}"
+            )
+        return named
+    if not _MODALITY.match(spec.modality):
+        raise ValueError(
+            f"model {spec.name!r}: modality {spec.modality!r} names no module (lower-case letters, "
+            f"digits and '_'); name the family's module in model.json {FAMILY_KEY!r}"
+        )
+    return f"quotient_models.{spec.modality}s.model"
+
+
+def _family_loader(spec: ModelSpec) -> Callable[..., EmbeddingModel]:
+    name = family_module(spec)
+    named = FAMILY_KEY in spec.raw
+    how = "named in model.json" if named else f"by convention for modality {spec.modality!r}"
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:  # missing, or raising on import: either way not servable
+        hint = "" if named else f"; another family's module is named in model.json {FAMILY_KEY!r}"
+        raise ValueError(
+            f"model {spec.name!r}: its family module {name!r} ({how}) cannot be imported: "
+            f"{type(exc).__name__}: {exc}{hint}"
+        ) from exc
+    loader = getattr(module, "load", None)
+    if not callable(loader):
+        raise ValueError(
+            f"model {spec.name!r}: its family module {name!r} ({how}) has no "
+            "load(model_dir, engine, device, threads) function"
+        )
+    return loader
 
 
 def load_model(
     model_dir: str | Path, engine: str | None = "onnx", device: str = "cpu", threads: int = 0
 ) -> EmbeddingModel:
-    """Load a model directory for serving. ``engine`` is "onnx", "torch", or None for a model that
-    only prepares and collates inputs (its batches run elsewhere, e.g. in TorchServe)."""
+    """Load a model directory for serving through its family's ``load`` (``family_module``).
+    ``engine`` is "onnx", "torch", or None for a model that only prepares and collates inputs
+    (its batches run elsewhere, e.g. in TorchServe)."""
     spec = ModelSpec.load(model_dir)
     if engine is not None and engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
-    if (
-        spec.modality == "molecule"
-    ):  # imported here: RDKit is only needed where molecules are served
-        from quotient_models.molecules.model import load_molecule_model
-
-        return load_molecule_model(model_dir, engine, device, threads)
-    if spec.modality != "image":
-        raise ValueError(f"{spec.name}: modality {spec.modality!r} is not served by this version")
-    encoder: Encoder
-    if engine is None:
-        encoder = _NoEncoder()
-    elif engine == "onnx":
-        encoder = OnnxSession(spec.path("encoder", "onnx"), device=device, threads=threads)
-    else:
-        encoder = TorchSession(spec.path("encoder", "torchscript"), device=device, threads=threads)
-    head = CyclicProjectionHead.load(spec.path("projection_head", "file"))
-    return ImageModel(spec, encoder, head)
+    model = _family_loader(spec)(spec.directory, engine, device, threads)
+    if not isinstance(model, EmbeddingModel):
+        raise ValueError(
+            f"model {spec.name!r}: {family_module(spec)}.load returned a "
+            f"{type(model).__name__}, not an EmbeddingModel"
+        )
+    return model

@@ -5,8 +5,10 @@ A model batch travels as an uncompressed ``.npz`` (numpy's own format, read with
 ``.npz`` with ``values`` [B, D] float32 and, when computed, ``poses`` [B] float64.
 
 ``__op__`` selects the operation (absent: "embed"). A "decode" batch (``encode_decode_batch``)
-holds ``values`` [B, D] float32, embeddings of the model's default projection; its answer holds
-``smiles`` and ``reasons`` [B] (unicode, "" where absent), read back by ``decode_molecules``.
+holds ``values`` [B, D] float32, embeddings of the model's default projection, and optionally
+``allow_inexact`` (a bool scalar, absent: False); its answer holds ``smiles`` and ``reasons`` [B]
+(unicode, "" where absent) and ``distances`` [B] float64 (NaN where not measured), read back by
+``decode_molecules``.
 """
 
 from __future__ import annotations
@@ -56,28 +58,43 @@ def decode_output(payload: bytes) -> ProjectionOutput:
         return ProjectionOutput(f["values"], f["poses"] if "poses" in f.files else None)
 
 
-def encode_decode_batch(values: np.ndarray) -> bytes:
-    """A "decode" batch: embeddings [B, D] of the model's default projection."""
+def encode_decode_batch(values: np.ndarray, allow_inexact: bool = False) -> bytes:
+    """A "decode" batch: embeddings [B, D] of the model's default projection; ``allow_inexact``
+    returns decodes that do not embed back to their row (``EmbeddingModel.decode``)."""
     buf = io.BytesIO()
-    np.savez(buf, values=np.asarray(values, dtype=np.float32), **{_OP: np.array("decode")})
+    np.savez(
+        buf,
+        values=np.asarray(values, dtype=np.float32),
+        allow_inexact=np.array(bool(allow_inexact)),
+        **{_OP: np.array("decode")},
+    )
     return buf.getvalue()
 
 
-def decode_molecules(payload: bytes) -> list[tuple[str, str]]:
-    """The answer to a "decode" batch → (canonical SMILES, reason) per row, "" where absent."""
+def decode_molecules(payload: bytes) -> list[tuple[str, str, float | None]]:
+    """The answer to a "decode" batch → (canonical SMILES, reason, distance) per row, "" where
+    absent, distance None where not measured."""
     with np.load(io.BytesIO(payload), allow_pickle=False) as f:
-        return [(str(s), str(r)) for s, r in zip(f["smiles"], f["reasons"], strict=True)]
+        smiles, reasons = f["smiles"], f["reasons"]
+        distances = f["distances"] if "distances" in f.files else np.full(len(smiles), np.nan)
+    return [
+        (str(s), str(r), None if np.isnan(d) else float(d))
+        for s, r, d in zip(smiles, reasons, distances, strict=True)
+    ]
 
 
-def _handle_decode(model: EmbeddingModel, values: np.ndarray) -> bytes:
+def _handle_decode(model: EmbeddingModel, values: np.ndarray, allow_inexact: bool) -> bytes:
     if not model.can_decode:
         raise NotImplementedError(f"model {model.spec.name!r} has no decoder")
-    decoded = model.decode(check_decode_values(model, values))
+    decoded = model.decode(check_decode_values(model, values), allow_inexact)
     buf = io.BytesIO()
     np.savez(
         buf,
         smiles=np.array([d.smiles or "" for d in decoded], dtype=str),
         reasons=np.array([d.reason or "" for d in decoded], dtype=str),
+        distances=np.array(
+            [np.nan if d.distance is None else d.distance for d in decoded], dtype=np.float64
+        ),
     )
     return buf.getvalue()
 
@@ -86,7 +103,8 @@ def handle_payload(model: EmbeddingModel, payload: bytes) -> bytes:
     """One model batch in, its answer out (both as bytes): embeddings, or decoded molecules."""
     arrays, projection, op = _decode_batch(payload)
     if op == "decode":
-        return _handle_decode(model, arrays["values"])
+        inexact = bool(arrays["allow_inexact"]) if "allow_inexact" in arrays else False
+        return _handle_decode(model, arrays["values"], inexact)
     if op != "embed":
         raise ValueError(f"unknown operation {op!r} in the model batch")
     return _encode_output(model.embed_batch(arrays, projection or None))

@@ -19,7 +19,7 @@ class ModelSpec:
     name: str
     version: str
     description: str
-    modality: str  # "image" | "molecule"
+    modality: str  # "image" | "molecule"; names the family by convention (runtime.family_module)
     architecture: str
     group: dict[str, Any]
     default_projection: str

@@ -1,7 +1,8 @@
 """The domain layer: validate a request, prepare its items, batch them, return embeddings.
 
 No protobuf here: items arrive as ``(kind, data)`` pairs (kind ``"image"``/``"molecule"``, or None
-when the client set neither) and results leave as numpy arrays. Every refusal is a
+when the client set neither) and results leave as numpy arrays, with each item's input notes
+(what preparing changed in it, ``quotient_models.notes``) in request order. Every refusal is a
 ``QuotientError`` naming the item's index when there is one.
 """
 
@@ -12,14 +13,20 @@ import base64
 import binascii
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from quotient_models import serving
 from quotient_models.errors import InputError
 from quotient_models.molecules.featurize import is_molblock_text
-from quotient_models.runtime import EmbeddingModel, InputLimits, check_decode_values
+from quotient_models.notes import InputNote
+from quotient_models.runtime import (
+    EmbeddingModel,
+    InputLimits,
+    PrepareOptions,
+    check_decode_values,
+)
 from quotient_service.backends.base import Backend
 from quotient_service.batching import Batcher
 from quotient_service.config import Settings
@@ -61,6 +68,8 @@ class EmbedResult:
     inference_seconds: float
     total_seconds: float
     batch_size: int
+    # per item, request order: what preparing changed in it or ignored of it (InputNote)
+    notes: tuple[tuple[InputNote, ...], ...] = field(default=())
 
 
 class Engine:
@@ -139,9 +148,11 @@ class Engine:
         projection: str,
         timeout: float | None = None,
         version: str = "",
+        options: PrepareOptions | None = None,
     ) -> EmbedResult:
-        """Embed ``items`` with one model (at ``version``, when not empty); ``timeout`` is the
-        client's remaining time, if any."""
+        """Embed ``items`` with one model (at ``version``, when not empty), prepared under
+        ``options``; ``timeout`` is the client's remaining time, if any. The result holds each
+        item's notes next to its row."""
         start = time.monotonic()
         deadline = self.deadline(timeout)
         model = self.pinned(model_name, version)
@@ -166,7 +177,7 @@ class Engine:
                 field="projection",
                 reason="UNKNOWN_PROJECTION",
             ) from None
-        prepared = await self._prepare(model, items, deadline)
+        prepared, notes = await self._prepare(model, items, deadline, options or PrepareOptions())
         result = await self.batcher.submit(model, chosen, prepared, deadline)
         bad = np.flatnonzero(~np.isfinite(result.values).all(axis=1))
         if len(bad):  # finite inputs, so a model fault: never sent to the client
@@ -189,6 +200,7 @@ class Engine:
             result.inference_seconds,
             time.monotonic() - start,
             result.batch_size,
+            notes,
         )
 
     async def decode(
@@ -197,11 +209,13 @@ class Engine:
         rows: list[np.ndarray],
         timeout: float | None = None,
         version: str = "",
-    ) -> list[tuple[str, str]]:
-        """Decode embeddings of ``model_name``'s default projection → (canonical SMILES, reason)
-        per row, "" where absent. Runs outside the batcher (decoding is rare), in backend batches
-        of ``DECODE_CHUNK_ROWS`` rows, one per model at a time; ``timeout`` is the client's
-        remaining time, if any."""
+        allow_inexact: bool = False,
+    ) -> list[tuple[str, str, float | None]]:
+        """Decode embeddings of ``model_name``'s default projection → (canonical SMILES, reason,
+        distance) per row, "" where absent, distance None where no molecule was re-embedded (a
+        decode that does not embed back to its row is refused unless ``allow_inexact``). Runs
+        outside the batcher (decoding is rare), in backend batches of ``DECODE_CHUNK_ROWS`` rows,
+        one per model at a time; ``timeout`` is the client's remaining time, if any."""
         deadline = self.deadline(timeout)
         model = self.pinned(model_name, version)
         if not model.can_decode:
@@ -217,10 +231,11 @@ class Engine:
             field = f"embeddings[{exc.index}].values"
             raise InvalidArgument(exc.reason, index=exc.index, field=field) from None
         turn = self._decoding.setdefault(model_name, asyncio.Semaphore(1))
-        decoded: list[tuple[str, str]] = []
+        decoded: list[tuple[str, str, float | None]] = []
         try:
             for at in range(0, len(values), DECODE_CHUNK_ROWS):
-                payload = serving.encode_decode_batch(values[at : at + DECODE_CHUNK_ROWS])
+                chunk = values[at : at + DECODE_CHUNK_ROWS]
+                payload = serving.encode_decode_batch(chunk, allow_inexact)
                 async with asyncio.timeout_at(_loop_time(deadline)):
                     async with turn:
                         answer = await self.backend.run(model_name, payload)
@@ -276,9 +291,10 @@ class Engine:
                 )
 
     async def _prepare(
-        self, model: EmbeddingModel, items: list[Item], deadline: float
-    ) -> list[np.ndarray]:
-        prepare = functools.partial(_prepare_one, model, self.limits)
+        self, model: EmbeddingModel, items: list[Item], deadline: float, options: PrepareOptions
+    ) -> tuple[list[np.ndarray], tuple[tuple[InputNote, ...], ...]]:
+        """The prepared items and their notes, both in request order."""
+        prepare = functools.partial(_prepare_one, model, self.limits, options)
         try:
             results = await self._pool.map(prepare, [data for _, data in items], deadline)
         except TimeoutError:
@@ -293,7 +309,7 @@ class Engine:
                 raise out
             if out is NOT_STARTED:  # only after a refused item, which the loop reports first
                 raise AssertionError(f"input {i} was not prepared")
-        return list(results)
+        return [item for item, _ in results], tuple(notes for _, notes in results)
 
 
 DECODE_CHUNK_ROWS = 32
@@ -303,8 +319,10 @@ class NonFiniteOutput(RuntimeError):
     """A model answered NaN or infinity for finite inputs (INTERNAL: a server fault)."""
 
 
-def _prepare_one(model: EmbeddingModel, limits: InputLimits, data: bytes) -> np.ndarray:
-    return model.prepare(data, limits)
+def _prepare_one(
+    model: EmbeddingModel, limits: InputLimits, options: PrepareOptions, data: bytes
+) -> tuple[np.ndarray, tuple[InputNote, ...]]:
+    return model.prepare_noted(data, limits, options)
 
 
 def _loop_time(deadline: float) -> float:

@@ -20,7 +20,8 @@ from google.protobuf.duration_pb2 import Duration
 from quotient_client.proto import embedding_service_pb2 as pb
 from quotient_client.proto import embedding_service_pb2_grpc as pb_grpc
 from quotient_models.molecules.featurize import is_molblock_text
-from quotient_models.runtime import EmbeddingModel
+from quotient_models.notes import InputNote
+from quotient_models.runtime import EmbeddingModel, PrepareOptions
 from quotient_service import errors
 from quotient_service.admission import Admission
 from quotient_service.config import Settings
@@ -35,6 +36,12 @@ _METRICS = {
     "cosine": pb.DISTANCE_METRIC_COSINE,
     "l2": pb.DISTANCE_METRIC_L2,
     "inner_product": pb.DISTANCE_METRIC_INNER_PRODUCT,
+}
+_NOTE_KINDS = {
+    "fragments_removed": pb.INPUT_NOTE_KIND_FRAGMENTS_REMOVED,
+    "charges_neutralized": pb.INPUT_NOTE_KIND_CHARGES_NEUTRALIZED,
+    "isotopes_removed": pb.INPUT_NOTE_KIND_ISOTOPES_REMOVED,
+    "stereo_ignored": pb.INPUT_NOTE_KIND_STEREO_IGNORED,
 }
 A = TypeVar("A")
 R = TypeVar("R")
@@ -59,6 +66,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 request.projection,
                 context.time_remaining(),
                 request.model_version,
+                PrepareOptions(standardize=request.standardization != pb.STANDARDIZATION_NONE),
             )
         return _embed_response(result, request.request_id)
 
@@ -86,10 +94,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         with self.admission.admit("Decode", request.ByteSize(), len(request.embeddings)):
             rows = [np.asarray(e.values, dtype=np.float32) for e in request.embeddings]
             decoded = await self.engine.decode(
-                request.model, rows, context.time_remaining(), request.model_version
+                request.model,
+                rows,
+                context.time_remaining(),
+                request.model_version,
+                request.allow_inexact,
             )
         return pb.DecodeResponse(
-            molecules=[pb.DecodedMolecule(smiles=s, reason=r) for s, r in decoded],
+            molecules=[pb.DecodedMolecule(smiles=s, reason=r, distance=d) for s, r, d in decoded],
             model=request.model,
             request_id=request.request_id,
             model_version=self.engine.model(request.model).spec.version,
@@ -109,6 +121,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def _model(self, model: EmbeddingModel) -> pb.Model:
         spec, limits = model.spec, self.engine.limits
         inputs = spec.raw.get("input", {})
+        domain = spec.raw.get("domain", {})  # molecule models: what an input may hold
         return pb.Model(
             name=spec.name,
             version=spec.version,
@@ -136,12 +149,18 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 max_inputs_per_request=self.settings.max_inputs_per_request,
                 max_input_bytes=limits.max_input_bytes,
                 max_pixels=limits.max_pixels,
-                image_formats=list(limits.formats) if spec.modality == "image" else [],
+                image_formats=list(model.input_formats),
                 model_input_size=spec.input_size,
                 max_atoms=int(inputs.get("max_atoms", 0)),
                 elements=list(
                     inputs.get("elements", spec.raw.get("domain", {}).get("elements", []))
                 ),
+                standardization=[
+                    pb.StandardizationStep(name=name, description=description)
+                    for name, description in model.standardization()
+                ],
+                formal_charges=[int(c) for c in domain.get("charges", [])],
+                max_hydrogens=int(domain.get("max_hydrogens", 0)),
             ),
             metrics=[
                 pb.Metric(
@@ -197,13 +216,34 @@ def _duration(seconds: float) -> Duration:
     return Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
 
 
+def _note(note: InputNote) -> pb.InputNote:
+    return pb.InputNote(
+        kind=_NOTE_KINDS.get(note.kind, pb.INPUT_NOTE_KIND_UNSPECIFIED),
+        message=note.message,
+        removed_fragments=list(note.fragments),
+        atoms=[
+            pb.AtomChange(
+                atom_index=a.index,
+                element=a.element,
+                old_charge=a.old_charge,
+                new_charge=a.new_charge,
+                isotope=a.isotope,
+            )
+            for a in note.atoms
+        ],
+        chiral_centers=note.chiral_centers,
+        stereo_bonds=note.stereo_bonds,
+    )
+
+
 def _embed_response(result: EmbedResult, request_id: str) -> pb.EmbedResponse:
-    poses = result.poses
+    poses, notes = result.poses, result.notes
     return pb.EmbedResponse(
         embeddings=[
             pb.Embedding(
                 values=row.tolist(),
                 pose=None if poses is None else pb.Pose(rotation_degrees=float(poses[i])),
+                notes=[_note(n) for n in notes[i]] if notes else [],
             )
             for i, row in enumerate(result.values)
         ],

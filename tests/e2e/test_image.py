@@ -97,12 +97,15 @@ def test_the_image_has_no_torch_no_java_no_compiler(image) -> None:
 def test_the_container_serves_images_and_molecules(container, digits) -> None:
     with Client(f"127.0.0.1:{container['port']}") as client:
         names = [m.name for m in client.list_models()]
-        assert names == ["qm9-vae", "rotmnist-c8"]
+        assert names == ["druglike-vae", "qm9-vae", "rotmnist-c8"]
         image = digits(3)
         a, b = client.embed_images([image, np.rot90(image).copy()], model="rotmnist-c8")
         assert float(np.abs(a - b).max()) < 1e-4  # invariant through the container
         ethanol = client.embed_molecules(["CCO", "OCC"], model="qm9-vae")
         np.testing.assert_allclose(ethanol[0], ethanol[1], atol=1e-6)
+        aspirin = ["CC(=O)Oc1ccccc1C(=O)O", "OC(=O)c1ccccc1OC(C)=O"]
+        drug = client.embed_molecules(aspirin, model="druglike-vae")
+        np.testing.assert_allclose(drug[0], drug[1], atol=1e-6)
         assert client.decode(ethanol[:1], model="qm9-vae")[0].smiles == "CCO"
 
 

@@ -105,7 +105,7 @@ def test_molecule_search_finds_renumbered_molecules_at_rank_1(service: Any, tmp_
     assert [(q, hit) for q, hit, _ in firsts] == example.QUERIES
 
     with open_store(index) as store, Client(service.target) as client:  # the folder persisted
-        query = client.embed(["C(O)C"], modality="molecule")  # ethanol, once more renumbered
+        query = client.embed(["C(O)C"], model="qm9-vae")  # ethanol, once more renumbered
         assert len(store) == len(library) and store.spec == query.spec
         ethanol = store.get(["ethanol"])[0]
         assert ethanol is not None and ethanol.metadata == {"smiles": "CCO", "line": 5}

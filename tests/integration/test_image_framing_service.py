@@ -15,10 +15,11 @@ from PIL import Image
 
 import quotient_client as qc
 from quotient_models.images.data import load_mnist
+from quotient_models.images.model import ImageModel
 from quotient_models.images.preprocess import model_input
 from quotient_models.images.transforms import rotate_numpy
 from quotient_models.invariance import relative_change
-from quotient_models.runtime import ImageModel, load_model
+from quotient_models.runtime import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "model_store" / "models" / "rotmnist-c8"

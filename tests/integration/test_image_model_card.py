@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from quotient_models.images.data import eval_angles, load_mnist
+from quotient_models.images.model import ImageModel
 from quotient_models.images.transforms import radial_profile, rotate_numpy
 from quotient_models.invariance import invariance_report
-from quotient_models.runtime import ImageModel, load_model
+from quotient_models.runtime import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "model_store" / "models" / "rotmnist-c8"

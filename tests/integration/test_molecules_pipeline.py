@@ -99,6 +99,22 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
     misses = metrics["reconstruction"]["misses_sorted"]  # one epoch on a slice: many misses
     assert 0 < len(misses) <= evaluate.MISS_EXAMPLES
     assert all(m["decoded"] != m["input"] and (m["decoded"] or m["reason"]) for m in misses)
+    # decoded as Decode serves (verified): misses are refused, never another molecule, per split
+    rec = metrics["reconstruction"]
+    assert rec["verified"] and rec["wrong_rate_sorted"] == 0.0
+    assert list(rec["splits"]) == list(data.SPLITS)
+    assert all(
+        s["wrong"] == 0 and len(s["misses"]) <= evaluate.MISS_EXAMPLES
+        for s in rec["splits"].values()
+    )
+    assert all(m["returned"] is None and m["reason"] for m in misses)
+    assert "Misses by split" in card
+    evaluate.main(["simplest", "--data", str(tmp_path / "qm9"), "--model", str(out)])
+    simple = {m["name"]: m for m in json.loads((out / "metrics.json").read_text())}["simplest"]
+    assert simple["counts"]["wrong"] == 0 and len(simple["molecules"]) == sum(
+        len(g) for _, g in evaluate.SIMPLEST
+    )
+    assert "## Simplest molecules" in (out / "MODEL_CARD.md").read_text()
     for reg in ("hgb", "krr"):
         row = metrics["regression"]["mae"][reg]["gap"]
         assert set(row) >= {

@@ -65,7 +65,11 @@ def test_decoding_does_not_depend_on_atom_numbering(service):
     variants = ["OC(=O)C1CC1", *(renumbered("OC(=O)C1CC1", seed) for seed in range(4))]
     with Client(service.target) as client:
         decoded = client.decode(client.embed_molecules(variants, model="tiny-mol"))
-    assert decoded == [decoded[0]] * len(variants)
+    # the same answer; distances (in the reason too) to float noise, as the embeddings
+    assert [d.smiles for d in decoded] == [decoded[0].smiles] * len(variants)
+    assert [d.distance is None for d in decoded] == [decoded[0].distance is None] * len(variants)
+    if decoded[0].distance is not None:
+        assert [d.distance for d in decoded] == pytest.approx([decoded[0].distance] * 5, abs=1e-5)
 
 
 def test_request_id_and_model_are_echoed(service):
@@ -184,4 +188,78 @@ def test_trained_model_states_its_metric_and_pads_with_the_marker_row(start_serv
     assert "padding rows (1.25, 0, 0, 0, 0, 0, 0, 0)" in info.projection("sorted").description
     assert (np.abs(ethanol[:3]) < 1).all()
     np.testing.assert_array_equal(ethanol[3:], np.tile([1.25] + [0.0] * 7, (6, 1)))
-    assert decoded == [DecodedMolecule("CCO")]
+    assert decoded == [DecodedMolecule("CCO", None, decoded[0].distance)]
+
+
+# The simplest molecules (single atoms, ions, small rings, multiple bonds: the card's "simplest
+# molecules" section) and what qm9-vae 1.3.0 gives back for each: itself, or no SMILES with a
+# reason. Never another molecule: a decode is verified by embedding it again.
+SIMPLEST_BACK = ["C", "N", "O", "[NH4+]", "C[NH3+]", "[C-]#N", "C#C", "C#N", "O=C=O", "N#N", "C=O"]
+SIMPLEST_REFUSED = ["F", "[OH-]", "C[O-]", "C1CC1", "C1CO1", "C=C"]
+
+
+@pytest.fixture(scope="module")
+def qm9_service(start_service, tmp_path_factory):
+    if not (QM9_VAE / "model.json").is_file():
+        pytest.skip("qm9-vae is not committed here")
+    root = tmp_path_factory.mktemp("qm9simplest")
+    (root / "qm9-vae").symlink_to(QM9_VAE, target_is_directory=True)
+    return start_service(model_store=str(root))
+
+
+def canonical(smiles: str) -> str:
+    return Chem.MolToSmiles(Chem.MolFromSmiles(smiles), isomericSmiles=False)
+
+
+def test_simplest_molecules_come_back_exactly_or_are_refused_with_a_reason(qm9_service):
+    smiles = SIMPLEST_BACK + SIMPLEST_REFUSED
+    with Client(qm9_service.target) as client:
+        decoded = client.decode(client.embed_molecules(smiles))
+        raw = client.decode(client.embed_molecules(smiles, projection="raw"))
+    for s, d, r in zip(smiles, decoded, raw, strict=True):
+        assert d.smiles in (None, canonical(s)), (s, d)  # never another molecule
+        assert (d.smiles is None) == (d.reason is not None), (s, d)
+        assert (r.smiles, r.distance is None) == (d.smiles, d.distance is None), (s, d, r)
+    assert [d.smiles for d in decoded[: len(SIMPLEST_BACK)]] == [
+        canonical(s) for s in SIMPLEST_BACK
+    ]
+    for s, d in zip(SIMPLEST_BACK, decoded, strict=False):
+        assert d.distance is not None and d.distance <= 1e-5, (s, d)
+    for s, d in zip(SIMPLEST_REFUSED, decoded[len(SIMPLEST_BACK) :], strict=True):
+        assert d.smiles is None and d.distance is not None and d.distance > 1e-3, (s, d)
+        assert f"re-embeds {d.distance:.3g} away from this embedding (tolerance 0.001)" in d.reason
+
+
+def test_test_split_molecules_still_decode_exactly(qm9_service):
+    from quotient_models.molecules.data import load
+
+    data_dir = QM9_VAE.parents[2] / "data" / "qm9"
+    if not (data_dir / "manifest.json").is_file():
+        pytest.skip("data/qm9 is not prepared here")
+    data = load(data_dir)
+    rows = np.random.default_rng(0).choice(data.rows("test"), 64, replace=False)
+    smiles = [str(data.arrays["smiles"][r]) for r in rows]
+    with Client(qm9_service.target) as client:
+        decoded = client.decode(client.embed_molecules(smiles))
+    hits = [d.smiles == s for d, s in zip(decoded, smiles, strict=True)]
+    assert all(d.smiles in (None, s) for d, s in zip(decoded, smiles, strict=True))
+    assert sum(hits) >= 62  # 99.65% of the test split (the card); the misses are refused
+    assert max(d.distance for d in decoded if d.smiles) <= 1e-5
+
+
+def test_a_perturbed_embedding_is_refused_with_its_distance(qm9_service):
+    with Client(qm9_service.target) as client:
+        [ethanol] = client.embed_molecules(["CCO"])
+        moved = ethanol.copy()
+        moved[0] += 0.05  # a point no molecule made; the decoder still reads ethanol
+        midway = (ethanol + client.embed_molecules(["CCN"])[0]) / 2
+        refused = client.decode(np.stack([moved, midway]))
+        allowed = client.decode(np.stack([moved, midway]), allow_inexact=True)
+    for d in refused:
+        assert d.smiles is None and d.distance is not None and d.distance > 1e-3
+        assert f"re-embeds {d.distance:.3g} away from this embedding (tolerance 0.001)" in d.reason
+    assert refused[0].distance == pytest.approx(0.05, abs=1e-4)
+    assert refused[0].reason.startswith("decoded CCO re-embeds")
+    # allow_inexact: the decoder's molecule anyway, with the same distance and no reason
+    assert allowed[0] == DecodedMolecule("CCO", None, refused[0].distance)
+    assert allowed[1].smiles is not None and allowed[1].distance == refused[1].distance

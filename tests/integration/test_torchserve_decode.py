@@ -45,8 +45,13 @@ def test_both_backends_decode_alike(start_service, store: Path, torchserve_targe
     with Client(embedded) as client:
         values = client.embed_molecules(SMILES, model=MODEL)
         want = client.decode(values, model=MODEL)
+        want_inexact = client.decode(values, model=MODEL, allow_inexact=True)
+    # untrained: its decodes do not embed back, so they are refused unless allow_inexact
+    assert all(d.smiles is None for d in want)
+    assert [d.distance for d in want_inexact] == [d.distance for d in want]
     with Client(torchserve_target) as client:
         assert client.decode(values, model=MODEL) == want
+        assert client.decode(values, model=MODEL, allow_inexact=True) == want_inexact
         rows = [list(v) for v in values]
         rows[1] = rows[1][:-1]
         with pytest.raises(InvalidInputError) as info:

@@ -156,8 +156,14 @@ def test_a_decode_batch_is_answered_like_handle_payload(molecule_dir: Path) -> N
     h.initialize(_context(molecule_dir))
     [answer] = h.handle([{"body": bytearray(payload)}], _context(molecule_dir))
     assert serving.decode_molecules(answer) == want
-    assert want == [(d.smiles or "", d.reason or "") for d in model.decode(values)]
-    assert all(bool(s) != bool(r) for s, r in want)
+    assert want == [(d.smiles or "", d.reason or "", d.distance) for d in model.decode(values)]
+    assert all(bool(s) != bool(r) for s, r, _ in want)
+    # allow_inexact travels in the batch: every valid graph comes back, with its distance
+    inexact = serving.encode_decode_batch(values, allow_inexact=True)
+    [answer] = h.handle([{"body": bytearray(inexact)}], _context(molecule_dir))
+    assert serving.decode_molecules(answer) == [
+        (d.smiles or "", d.reason or "", d.distance) for d in model.decode(values, True)
+    ]
     bad = serving.encode_decode_batch(np.zeros((2, values.shape[1] + 1), np.float32))
     with pytest.raises(PredictionException) as info:
         h.handle([{"body": bad}], _context(molecule_dir))

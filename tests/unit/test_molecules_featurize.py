@@ -106,6 +106,20 @@ def test_invalid_decoded_graph_gives_a_reason() -> None:
     assert two.smiles is None and two.reason == "decoded graph has 2 disconnected fragments"
 
 
+def test_decoded_hydrogens_follow_valence_except_on_aromatic_atoms() -> None:
+    """A miscounted hydrogen would only make a radical, which no domain holds: methane's carbon
+    decoded with 0 hydrogens was ``[C]``. Aromatic atoms keep the count ([nH] vs n)."""
+    single = np.zeros((1, 1), int)
+    assert decode_graph(["C"], [0], [0], single).smiles == "C"
+    assert decode_graph(["N"], [1], [2], single).smiles == "[NH4+]"
+    assert decode_graph(["C"], [0], [0], single, derive_hydrogens=False).smiles == "[C]"
+    ethene = np.array([[0, 2], [2, 0]])
+    assert decode_graph(["C", "C"], [0, 0], [3, 0], ethene).smiles == "C=C"
+    g = featurize("c1cc[nH]c1")  # the same bonds as pyrrole's n without H: the count decides
+    symbols = ["C" if z == 6 else "N" for z in g.atomic_numbers]
+    assert decode_graph(symbols, g.charges, g.hydrogens, g.bonds).smiles == "c1cc[nH]c1"
+
+
 def _signature(g) -> list:  # type: ignore[no-untyped-def]
     """Isomorphism-invariant description of a labelled graph (atoms with slots, neighbourhoods)."""
     atom = [

@@ -15,8 +15,13 @@ from rdkit import Chem
 
 from quotient_models.invariance import relative_change
 from quotient_models.molecules.arch_qm9_vae_v1 import GraphVAE, VAEConfig
-from quotient_models.molecules.featurize import collate_graphs, featurize
-from quotient_models.molecules.model import MoleculeModel, load_molecule_model
+from quotient_models.molecules.featurize import DecodedMolecule, collate_graphs, featurize
+from quotient_models.molecules.model import (
+    DECODE_TOLERANCE,
+    MoleculeModel,
+    connect_fragments,
+    load_molecule_model,
+)
 from quotient_models.molecules.testing import QM9_DOMAIN, write_tiny_molecule_model
 from quotient_models.molecules.train import to_pyg
 
@@ -161,6 +166,56 @@ def test_decoding_is_canonical_in_the_row_order(model_dir: Path) -> None:
     again, order2 = model.head.sort(zs, np.take_along_axis(mask, order, axis=1))
     np.testing.assert_array_equal(again, zs)  # sorting is idempotent, bit for bit
     np.testing.assert_array_equal(order2, np.arange(mask.shape[1])[None].repeat(len(z), 0))
+
+
+def test_verify_keeps_only_molecules_that_embed_back(model_dir: Path) -> None:
+    """Independent of the (untrained) decoder: a decode is kept when its molecule embeds to the
+    rows it came from, in any row order, and refused with the distance otherwise."""
+    model = load_molecule_model(model_dir, "onnx")
+    z, mask = model.head.unflatten(model.embed_smiles(["CCO", "CCO", "CCN"]).values)
+    raw = model.head.unflatten(model.embed_smiles(["OCC"], "raw").values)
+    z, mask = np.concatenate([z, raw[0]]), np.concatenate([mask, raw[1]])
+    claims = [
+        DecodedMolecule("CCO"),
+        DecodedMolecule("CCN"),
+        DecodedMolecule("CCN"),
+        DecodedMolecule("CCO"),
+    ]
+    got = model.verify(z, mask, claims)
+    assert [d.smiles for d in got] == ["CCO", None, "CCN", "CCO"]
+    assert got[0].distance is not None and got[0].distance <= 1e-5
+    assert got[3].distance is not None and got[3].distance <= 1e-5  # raw rows, any order
+    assert got[1].distance is not None and got[1].distance > DECODE_TOLERANCE
+    assert got[1].reason == (
+        f"decoded CCN re-embeds {got[1].distance:.3g} away from this embedding (tolerance "
+        f"{DECODE_TOLERANCE:g}): the decoder does not reconstruct this embedding's molecule, if "
+        "it has one"
+    )
+    inexact = model.verify(z, mask, claims, allow_inexact=True)
+    assert [d.smiles for d in inexact] == ["CCO", "CCN", "CCN", "CCO"]
+    assert inexact[1].distance == got[1].distance and inexact[1].reason is None
+    # no molecule: nothing re-embedded; one the model cannot embed: the reason says why
+    none, radical = model.verify(
+        z[:2], mask[:2], [DecodedMolecule(None, "why"), DecodedMolecule("[CH2]O")]
+    )
+    assert none == DecodedMolecule(None, "why")
+    assert radical.smiles is None and radical.distance is None
+    assert (
+        radical.reason is not None
+        and "decoded [CH2]O is no molecule this model embeds" in radical.reason
+    )
+
+
+def test_fragments_are_joined_by_their_most_probable_bond() -> None:
+    logits = np.zeros((3, 3, 5))
+    logits[..., 0] = 5.0  # "none" everywhere, least so between atoms 0 and 2 (a double bond)
+    logits[0, 2] = logits[2, 0] = [1.0, 0.0, 0.5, 0.0, 0.0]
+    logits[0, 1] = logits[1, 0] = [0.0, 3.0, 0.0, 0.0, 0.0]  # bonded in the argmax graph
+    bonds = logits.argmax(-1)
+    np.fill_diagonal(bonds, 0)
+    joined = connect_fragments(bonds, logits)
+    assert joined.tolist() == [[0, 1, 2], [1, 0, 0], [2, 0, 0]]
+    assert connect_fragments(joined, logits) is joined  # connected already: unchanged
 
 
 def test_model_contract(model_dir: Path) -> None:

@@ -12,6 +12,7 @@ from quotient_models.invariance import assert_invariant
 from quotient_models.molecules.projections import (
     PADDINGS,
     SortedProjectionHead,
+    min_cost_assignment,
     orbit_distance,
     tolerant_order,
 )
@@ -240,6 +241,20 @@ def test_orbit_distance_matches_brute_force() -> None:
     a, b = rng.normal(size=(5, 2)), rng.normal(size=(5, 2))
     brute = min(np.linalg.norm(a - b[list(p)]) for p in itertools.permutations(range(5)))
     assert orbit_distance(a, b) == pytest.approx(brute)
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+def test_min_cost_assignment_matches_brute_force(n: int) -> None:
+    """The numpy Hungarian algorithm (serving has no scipy), on random and tied costs."""
+    rng = np.random.default_rng(n)
+    for trial in range(30):
+        cost = rng.normal(size=(n, n)) ** 2
+        if trial % 3 == 0:
+            cost = np.round(cost, 1)  # ties
+        cols = min_cost_assignment(cost)
+        assert sorted(cols.tolist()) == list(range(n))
+        brute = min(cost[np.arange(n), list(p)].sum() for p in itertools.permutations(range(n)))
+        assert cost[np.arange(n), cols].sum() == pytest.approx(brute, abs=1e-12)
 
 
 def test_describe_and_unknown(head: SortedProjectionHead) -> None:

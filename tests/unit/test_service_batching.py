@@ -32,6 +32,9 @@ class FakeModel(EmbeddingModel):
     def prepare(self, data: bytes, limits: InputLimits) -> np.ndarray:
         raise NotImplementedError
 
+    def warmup_inputs(self) -> list[bytes]:
+        raise NotImplementedError
+
     def collate(self, items: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {"x": np.stack(items)}
 

@@ -37,8 +37,10 @@ from quotient_client._models import (
     MetricInfo,
     ModelInfo,
     ProjectionInfo,
+    StandardizationStep,
     SymmetryGroup,
 )
+from quotient_client._notes import AtomChange, InputNote
 
 try:
     __version__ = version("quotient-client")
@@ -51,6 +53,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "METRICS",
     "AsyncClient",
+    "AtomChange",
     "Client",
     "DeadlineExceededError",
     "DecodedMolecule",
@@ -59,6 +62,7 @@ __all__ = [
     "FailedPreconditionError",
     "ImageLike",
     "InputLimits",
+    "InputNote",
     "InvalidInputError",
     "MetricInfo",
     "ModelInfo",
@@ -69,6 +73,7 @@ __all__ = [
     "ServerBusyError",
     "ServiceUnavailableError",
     "SpecMismatchError",
+    "StandardizationStep",
     "SymmetryGroup",
     "UnauthenticatedError",
     "encode_image",

@@ -173,11 +173,12 @@ class AsyncClient(BaseClient):
         batch_size: int | None = None,
         concurrency: int | None = None,
         progress: bool | None = None,
+        standardize: bool | None = None,
     ) -> Embeddings:
         """As ``Client.embed``."""
         info, modality, items = await self._choose(items, modality, model)
         job, inputs = self._job(
-            info, modality, items, projection, model_version, batch_size, progress
+            info, modality, items, projection, model_version, batch_size, progress, standardize
         )
         await self._run(job, inputs, self._workers(concurrency))
         return job.embeddings()
@@ -242,11 +243,19 @@ class AsyncClient(BaseClient):
         batch_size: int = 256,
         concurrency: int | None = None,
         progress: bool | None = None,
+        standardize: bool | None = None,
     ) -> np.ndarray:
         """As ``Client.embed_molecules``."""
         info = await self._model(model, "molecule")
         job, inputs = self._job(
-            info, "molecule", molecules, projection, model_version, batch_size, progress
+            info,
+            "molecule",
+            molecules,
+            projection,
+            model_version,
+            batch_size,
+            progress,
+            standardize,
         )
         await self._run(job, inputs, self._workers(concurrency))
         return job.arrays()[0]
@@ -284,10 +293,13 @@ class AsyncClient(BaseClient):
         model: str | None = None,
         model_version: str | None = None,
         batch_size: int = 256,
+        allow_inexact: bool = False,
     ) -> list[DecodedMolecule]:
         """As ``Client.decode``."""
         name = model if model is not None else (await self._model(None, "molecule")).name
-        job = DecodeJob.of(embeddings, name, self._models.get(name), batch_size, model_version)
+        job = DecodeJob.of(
+            embeddings, name, self._models.get(name), batch_size, model_version, allow_inexact
+        )
         for start, request in job.requests():
             job.answer(request, await self._call(self._stub.Decode, request, offset=start))
         return job.molecules
@@ -303,6 +315,7 @@ class AsyncClient(BaseClient):
         model_version: str | None = None,
         batch_size: int | None = None,
         progress: bool | None = None,
+        standardize: bool | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[Any]:
         """As ``Client.embed_stream``: ``async for`` over one ``Embeddings`` per request, or one
@@ -315,7 +328,7 @@ class AsyncClient(BaseClient):
         else:
             info, modality, items = await self._choose(items, modality, model)
             job, inputs = self._job(
-                info, modality, items, projection, model_version, batch_size, progress
+                info, modality, items, projection, model_version, batch_size, progress, standardize
             )
             planned = job.requests(inputs)
         call = self._stub.EmbedStream(timeout=timeout, metadata=self._metadata)

@@ -219,11 +219,13 @@ class Client(BaseClient):
         batch_size: int | None = None,
         concurrency: int | None = None,
         progress: bool | None = None,
+        standardize: bool | None = None,
     ) -> Embeddings:
         """Embed images or molecules → ``Embeddings``: float32 ``vectors`` [n, dimension] in
-        the caller's order, ``poses`` (NaN where the projection computes none) and their
-        ``spec`` (model, the version that answered, projection, dimension, metric), which the
-        vector stores, clustering and exports check.
+        the caller's order, ``poses`` (NaN where the projection computes none), ``notes`` (per
+        row, what the server changed in the input or ignored of it: a molecule's standardisation,
+        its stereochemistry; ``InputNote``) and their ``spec`` (model, the version that answered,
+        projection, dimension, metric), which the vector stores, clustering and exports check.
 
         ``modality`` ("image" or "molecule") defaults to ``model``'s, else to the only one the
         server serves, else to what the items are (arrays, PIL images, bytes and ``Path``\\s
@@ -233,10 +235,13 @@ class Client(BaseClient):
         ``concurrency`` requests are in flight at once (default: the client's); the first
         failure stops the others and raises, naming the caller's item index. ``progress``:
         None shows a bar on stderr when it is a terminal and the call takes more than one
-        request (needs tqdm); True or False force it."""
+        request (needs tqdm); True or False force it. ``standardize``: None (the default) or
+        True, the model's standardisation of molecules applies (``ModelInfo.input_limits.
+        standardization``); False, molecules are embedded as sent, and a salt or mixture is
+        refused (``InvalidInputError``)."""
         info, modality, items = self._choose(items, modality, model)
         job, inputs = self._job(
-            info, modality, items, projection, model_version, batch_size, progress
+            info, modality, items, projection, model_version, batch_size, progress, standardize
         )
         self._run(job, inputs, self._workers(concurrency))
         return job.embeddings()
@@ -328,15 +333,23 @@ class Client(BaseClient):
         batch_size: int = 256,
         concurrency: int | None = None,
         progress: bool | None = None,
+        standardize: bool | None = None,
     ) -> np.ndarray:
         """Embed one molecule or an iterable of them → float32 array [n, dimension]. A molecule
         is a SMILES str, MolBlock or single-record SDF text (a str with line breaks), or an
         RDKit ``Mol``. ``model`` defaults to the server's only molecule model;
-        ``model_version`` as for ``embed_images``, ``concurrency`` and ``progress`` as for
-        ``embed``."""
+        ``model_version`` as for ``embed_images``, ``concurrency``, ``progress`` and
+        ``standardize`` as for ``embed`` (which also returns the notes of each input)."""
         info = self._model(model, "molecule")
         job, inputs = self._job(
-            info, "molecule", molecules, projection, model_version, batch_size, progress
+            info,
+            "molecule",
+            molecules,
+            projection,
+            model_version,
+            batch_size,
+            progress,
+            standardize,
         )
         self._run(job, inputs, self._workers(concurrency))
         return job.arrays()[0]
@@ -384,15 +397,20 @@ class Client(BaseClient):
         model: str | None = None,
         model_version: str | None = None,
         batch_size: int = 256,
+        allow_inexact: bool = False,
     ) -> list[DecodedMolecule]:
         """Decode embeddings of a model's default projection (rows of ``embed_molecules``'s
         answer) → one ``DecodedMolecule`` per row, in order: canonical SMILES, or ``reason`` when
-        the decoded graph is not a valid molecule. ``model`` defaults to the server's only
-        molecule model; a model without a decoder raises ``FailedPreconditionError``, and so
-        does a ``model_version`` the server does not serve (embeddings decode only with the
-        version that made them)."""
+        the decoded graph is not a valid molecule or the molecule does not embed back to the row
+        (its ``distance`` beyond the model's tolerance; ``allow_inexact=True`` returns it anyway,
+        for embeddings no molecule made, such as interpolations). ``model`` defaults to the
+        server's only molecule model; a model without a decoder raises
+        ``FailedPreconditionError``, and so does a ``model_version`` the server does not serve
+        (embeddings decode only with the version that made them)."""
         name = model if model is not None else self._model(None, "molecule").name
-        job = DecodeJob.of(embeddings, name, self._models.get(name), batch_size, model_version)
+        job = DecodeJob.of(
+            embeddings, name, self._models.get(name), batch_size, model_version, allow_inexact
+        )
         for start, request in job.requests():
             job.answer(request, self._call(self._stub.Decode, request, offset=start))
         return job.molecules
@@ -408,6 +426,7 @@ class Client(BaseClient):
         model_version: str | None = None,
         batch_size: int | None = None,
         progress: bool | None = None,
+        standardize: bool | None = None,
         timeout: float | None = None,
     ) -> Iterator[Any]:
         """Embed over one ``EmbedStream``: the requests are sent while the answers come back.
@@ -425,7 +444,7 @@ class Client(BaseClient):
             return self._raw_stream(items, timeout)
         info, modality, items = self._choose(items, modality, model)
         job, inputs = self._job(
-            info, modality, items, projection, model_version, batch_size, progress
+            info, modality, items, projection, model_version, batch_size, progress, standardize
         )
         return self._stream(job, inputs, timeout)
 

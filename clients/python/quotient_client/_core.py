@@ -33,6 +33,7 @@ from quotient_client._errors import (
 )
 from quotient_client._inputs import chunk_inputs, image_inputs, is_rdkit_mol, molecule_inputs
 from quotient_client._models import DecodedMolecule, ModelInfo
+from quotient_client._notes import InputNote, notes_from_proto
 from quotient_client.proto import embedding_service_pb2 as pb
 
 __all__ = [
@@ -59,6 +60,13 @@ MODALITIES = tuple(BATCH_SIZE)
 Metadata = Sequence[tuple[str, str]] | Mapping[str, str]
 
 _RETRYABLE = (ServiceUnavailableError, ServerBusyError)
+# Client.embed(standardize=...) → EmbedRequest.standardization
+_STANDARDIZATION = {
+    None: pb.STANDARDIZATION_UNSPECIFIED,
+    True: pb.STANDARDIZATION_MODEL_POLICY,
+    False: pb.STANDARDIZATION_NONE,
+}
+Notes = tuple[tuple[InputNote, ...], ...]
 # Items that are one item, never an iterable of items (a str is a path or a SMILES; an array
 # is one image).
 _SINGLE = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image)
@@ -297,6 +305,7 @@ class BaseClient:
         model_version: str | None,
         batch_size: int | None,
         progress: bool | None,
+        standardize: bool | None = None,
     ) -> tuple[EmbedJob, Iterator[pb.Input]]:
         inputs = image_inputs(items) if modality == "image" else molecule_inputs(items)
         job = EmbedJob(
@@ -307,6 +316,7 @@ class BaseClient:
             self.max_message_bytes - MESSAGE_SLACK,
             progress,
             len(items) if isinstance(items, Sized) and not isinstance(items, _SINGLE) else None,
+            standardize,
         )
         return job, inputs
 
@@ -352,6 +362,8 @@ class EmbedJob:
 
     ``progress``: None shows a bar (tqdm, on stderr) when stderr is a terminal and the call
     takes more than one request; True always, False never. ``total`` (items) sizes the bar.
+    ``standardize``: None or True, the model's standardisation of molecules applies; False, it
+    does not (``EmbedRequest.standardization``).
     """
 
     def __init__(
@@ -363,16 +375,20 @@ class EmbedJob:
         max_bytes: int,
         progress: bool | None = None,
         total: int | None = None,
+        standardize: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if standardize not in (None, True, False):
+            raise ValueError(f"standardize must be None, True or False, got {standardize!r}")
+        self.standardization = _STANDARDIZATION[standardize]
         limit = info.input_limits.max_inputs_per_request
         self.info, self.projection, self.model_version = info, projection, model_version
         self.per_request = min(batch_size, limit) if limit > 0 else batch_size
         self.max_bytes, self.progress, self.total = max_bytes, progress, total
         self.versions: set[str] = set()
         self.served_projection = ""
-        self._parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._parts: dict[int, tuple[np.ndarray, np.ndarray, Notes]] = {}
         self._done = 0
         self._bar: Any = None
 
@@ -386,6 +402,7 @@ class EmbedJob:
                 inputs=chunk,
                 projection=self.projection or "",
                 model_version=self.model_version or "",
+                standardization=self.standardization,
             )
             yield start, len(chunk), request
 
@@ -418,7 +435,7 @@ class EmbedJob:
         self.served_projection = self.served_projection or response.projection
         values, poses = decode_embeddings(response, count)
         if keep:
-            self._parts[start] = values, poses
+            self._parts[start] = values, poses, notes_from_proto(response)
         self._done += count
         if self._bar is not None:
             self._bar.update(count)
@@ -430,17 +447,21 @@ class EmbedJob:
         if answer.HasField("error"):
             raise error_from_status(answer.error, offset=start)
         values, poses = self.answer(start, count, answer.response, keep=False)
-        return Embeddings(values, self.spec(), poses)
+        return Embeddings(values, self.spec(), poses, notes_from_proto(answer.response))
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if not self._parts:
             return np.zeros((0, self.dimension()), np.float32), np.zeros(0, np.float64)
         parts = [self._parts[start] for start in sorted(self._parts)]
-        return np.concatenate([v for v, _ in parts]), np.concatenate([p for _, p in parts])
+        return np.concatenate([v for v, _, _ in parts]), np.concatenate([p for _, p, _ in parts])
+
+    def notes(self) -> Notes:
+        """Each row's notes, in the caller's order."""
+        return tuple(n for start in sorted(self._parts) for n in self._parts[start][2])
 
     def embeddings(self) -> Embeddings:
         values, poses = self.arrays()
-        return Embeddings(values, self.spec(), poses)
+        return Embeddings(values, self.spec(), poses, self.notes())
 
     def dimension(self) -> int:
         described = self.info.projection(self.served_projection or self.projection)
@@ -503,6 +524,7 @@ class DecodeJob:
     model: str
     per_request: int
     model_version: str | None = None
+    allow_inexact: bool = False
 
     def __post_init__(self) -> None:
         self.molecules: list[DecodedMolecule] = []
@@ -515,13 +537,14 @@ class DecodeJob:
         cached: ModelInfo | None,
         batch_size: int,
         model_version: str | None,
+        allow_inexact: bool = False,
     ) -> DecodeJob:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         rows = [np.asarray(row, np.float32).ravel() for row in embeddings]
         limit = cached.input_limits.max_inputs_per_request if cached is not None else 0
         per_request = min(batch_size, limit) if limit > 0 else batch_size
-        return cls(rows, model, per_request, model_version)
+        return cls(rows, model, per_request, model_version, allow_inexact)
 
     def requests(self) -> Iterator[tuple[int, pb.DecodeRequest]]:
         for start in range(0, len(self.rows), self.per_request):
@@ -532,6 +555,7 @@ class DecodeJob:
                     model=self.model,
                     embeddings=[pb.Embedding(values=r.tolist()) for r in chunk],
                     model_version=self.model_version or "",
+                    allow_inexact=self.allow_inexact,
                 ),
             )
 
@@ -542,5 +566,10 @@ class DecodeJob:
                 f"{len(request.embeddings)} embeddings"
             )
         self.molecules += [
-            DecodedMolecule(m.smiles or None, m.reason or None) for m in response.molecules
+            DecodedMolecule(
+                m.smiles or None,
+                m.reason or None,
+                m.distance if m.HasField("distance") else None,
+            )
+            for m in response.molecules
         ]

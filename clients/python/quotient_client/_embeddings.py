@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from quotient_client._notes import InputNote
+
 __all__ = ["METRICS", "EmbeddingSpec", "Embeddings", "SpecMismatchError"]
 
 # Distances a projection can name (ProjectionInfo.metric): "cosine" (1 - cos; vectors may be
@@ -83,11 +85,13 @@ class EmbeddingSpec:
 class Embeddings:
     """``vectors`` float32 [n, spec.dimension], one row per input in the caller's order;
     ``poses`` float64 [n] in degrees (NaN where the projection computes none); ``spec`` says what
-    made them."""
+    made them; ``notes`` [n] what the server changed in each input, or ignored of it, before
+    embedding it (``InputNote``s; an empty tuple for an input embedded as sent)."""
 
     vectors: np.ndarray
     spec: EmbeddingSpec
     poses: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    notes: tuple[tuple[InputNote, ...], ...] = ()
 
     def __post_init__(self) -> None:
         v = np.asarray(self.vectors, np.float32)
@@ -99,9 +103,20 @@ class Embeddings:
         object.__setattr__(self, "vectors", v)
         if len(self.poses) == 0 and len(v):
             object.__setattr__(self, "poses", np.full(len(v), np.nan))
+        if not self.notes:
+            object.__setattr__(self, "notes", ((),) * len(v))
+        elif len(self.notes) != len(v):
+            raise ValueError(f"{len(self.notes)} notes for {len(v)} vectors; one per row")
 
     def __len__(self) -> int:
         return len(self.vectors)
 
     def __getitem__(self, rows: slice | list[int] | np.ndarray) -> Embeddings:
-        return Embeddings(self.vectors[rows], self.spec, self.poses[rows])
+        picked = np.arange(len(self))[rows]
+        notes = tuple(self.notes[i] for i in np.atleast_1d(picked))
+        return Embeddings(self.vectors[rows], self.spec, self.poses[rows], notes)
+
+    @property
+    def noted(self) -> list[int]:
+        """The rows whose inputs have notes (the server changed or ignored something)."""
+        return [i for i, n in enumerate(self.notes) if n]

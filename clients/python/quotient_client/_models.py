@@ -13,6 +13,7 @@ __all__ = [
     "MetricInfo",
     "ModelInfo",
     "ProjectionInfo",
+    "StandardizationStep",
     "SymmetryGroup",
 ]
 
@@ -30,10 +31,15 @@ _METRICS = {
 @dataclass(frozen=True)
 class DecodedMolecule:
     """What one embedding decodes to: ``smiles`` (canonical, non-isomeric) when the decoded graph
-    is a valid molecule, else None and ``reason`` says why."""
+    is a valid molecule that embeds back to the embedding, else None and ``reason`` says why.
+    ``distance``: how far the decoded molecule's own embedding is from the one decoded (L2, atom
+    rows paired; float noise, about 1e-6, for an exact decode), None when no molecule was
+    decoded. One beyond the model's tolerance is refused unless ``decode(...,
+    allow_inexact=True)``."""
 
     smiles: str | None
     reason: str | None = None
+    distance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,20 @@ class SymmetryGroup:
 
 
 @dataclass(frozen=True)
+class StandardizationStep:
+    """One step of a molecule model's standardisation of its inputs: ``name`` as in its
+    model.json ("largest_fragment", "neutralize", "strip_isotopes") and what it does."""
+
+    name: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class InputLimits:
-    """What one request may contain; 0 or empty means the server states no limit."""
+    """What one request may contain; 0 or empty means the server states no limit.
+    ``standardization``: the steps a molecule model applies to every input, in order (empty:
+    none, molecules are embedded as sent); ``formal_charges`` and ``max_hydrogens``: the rest of a
+    molecule model's domain (with ``max_atoms`` and ``elements``)."""
 
     max_inputs_per_request: int = 0
     max_input_bytes: int = 0
@@ -73,6 +91,9 @@ class InputLimits:
     model_input_size: int = 0
     max_atoms: int = 0
     elements: tuple[str, ...] = ()
+    standardization: tuple[StandardizationStep, ...] = ()
+    formal_charges: tuple[int, ...] = ()
+    max_hydrogens: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,6 +180,9 @@ class ModelInfo:
                 lim.model_input_size,
                 lim.max_atoms,
                 tuple(lim.elements),
+                tuple(StandardizationStep(s.name, s.description) for s in lim.standardization),
+                tuple(lim.formal_charges),
+                lim.max_hydrogens,
             ),
             description=model.description,
             metrics={m.name: m.value for m in model.metrics},

@@ -10,6 +10,10 @@ files or folders of images, or molecule files (.smi, .sdf, .csv with a ``smiles`
 ``--smiles TEXT`` adds one literal molecule. The server is ``--target`` (or ``QUOTIENT_TARGET``),
 the key ``--api-key`` (or ``QUOTIENT_API_KEY``). Bad items are reported on stderr with their file
 and line; ``--on-error skip`` skips them, the default stops at the first one (exit status 2).
+What the server changed in an item before embedding it (a molecule model's standardisation: a
+salt's counter-ion removed, charges neutralised; stereochemistry ignored) is printed on stderr,
+``SOURCE: note``, and kept in the item's metadata as ``"notes"`` (a list of the notes' messages;
+absent when there are none); ``--no-standardize`` embeds molecules as sent.
 Progress goes to stderr; results to stdout or the output file.
 """
 
@@ -61,6 +65,12 @@ class Report:
             )
         print(f"skipped {item.source}: {item.reason}", file=self.stream)
         self.skipped.append(item)
+
+    def noted(self, items: Sequence[Item], embeddings: Embeddings) -> None:
+        """Print what the server changed in each of ``items`` (``Embeddings.notes``)."""
+        for i in embeddings.noted:
+            for note in embeddings.notes[i]:
+                print(f"{items[i].source}: {note.message}", file=self.stream)
 
 
 class Progress:
@@ -139,10 +149,12 @@ def embed_items(
     model_version: str | None,
     report: Report,
     batch_size: int,
+    standardize: bool | None = None,
 ) -> tuple[list[Item], Embeddings | None]:
     """Embed ``items`` in chunks of ``batch_size``; an item the server (or the disk) refuses is
-    reported with its source and, when skipping, dropped before the chunk is sent again. Returns
-    the items embedded and their embeddings, in order (None when none was)."""
+    reported with its source and, when skipping, dropped before the chunk is sent again; the
+    notes of the items embedded are reported too. Returns the items embedded and their
+    embeddings (with their notes), in order (None when none was)."""
     done: list[Item] = []
     parts: list[Embeddings] = []
     progress = Progress(f"embedding ({model})", len(items))
@@ -168,6 +180,7 @@ def embed_items(
                         projection=projection,
                         model_version=model_version,
                         progress=False,
+                        standardize=standardize,
                     )
                 except InvalidInputError as err:
                     if err.index is None or not 0 <= err.index < len(chunk):
@@ -178,6 +191,7 @@ def embed_items(
                 if parts:
                     parts[0].spec.check(result.spec, "the embeddings of this chunk")
                 parts.append(result)
+                report.noted(chunk, result)
                 done += chunk
                 progress.advance(len(chunk))
                 break
@@ -189,6 +203,7 @@ def embed_items(
         np.concatenate([p.vectors for p in parts]),
         parts[0].spec,
         np.concatenate([p.poses for p in parts]),
+        tuple(n for p in parts for n in p.notes),
     )
 
 
@@ -200,13 +215,17 @@ def _reason(err: QuotientError) -> str:
     return message
 
 
-def _metadata(modality: str, items: Sequence[Item]) -> list[dict[str, Any]]:
-    if modality == "image":
-        return [{"source": i.source} for i in items]
-    return [
-        {"source": i.source, **({"smiles": i.payload} if "\n" not in i.payload else {})}
-        for i in items
-    ]
+def _metadata(modality: str, items: Sequence[Item], embeddings: Embeddings) -> list[dict[str, Any]]:
+    """Each item's source (and SMILES), and the messages of its notes when it has any."""
+    out: list[dict[str, Any]] = []
+    for item, notes in zip(items, embeddings.notes, strict=True):
+        meta: dict[str, Any] = {"source": item.source}
+        if modality == "molecule" and "\n" not in item.payload:
+            meta["smiles"] = item.payload
+        if notes:
+            meta["notes"] = [n.message for n in notes]
+        out.append(meta)
+    return out
 
 
 # ---------------------------------------------------------------------- commands
@@ -236,6 +255,7 @@ def _load(
         model_version=model_version,
         report=report,
         batch_size=args.batch_size,
+        standardize=False if args.no_standardize else None,
     )
     return modality, done, embeddings
 
@@ -252,7 +272,9 @@ def cmd_embed(args: argparse.Namespace, report: Report) -> int:
         )
     if embeddings is None:
         raise Fatal("no item could be embedded")
-    save_embeddings(args.output, [i.id for i in done], embeddings, _metadata(modality, done))
+    save_embeddings(
+        args.output, [i.id for i in done], embeddings, _metadata(modality, done, embeddings)
+    )
     _summary(f"embedded {len(done)} items", report, started, f"→ {args.output}")
     return 0
 
@@ -274,7 +296,7 @@ def cmd_index_add(args: argparse.Namespace, report: Report) -> int:
             )
             if embeddings is None:
                 raise Fatal("no item could be embedded")
-            store.upsert([i.id for i in done], embeddings, _metadata(modality, done))
+            store.upsert([i.id for i in done], embeddings, _metadata(modality, done, embeddings))
             total = len(store)
     _summary(f"indexed {len(done)} items", report, started, f"({total} in {args.index})")
     return 0
@@ -364,6 +386,12 @@ def _inputs(parser: argparse.ArgumentParser, name: str, what: str) -> None:
         default=[],
         metavar="TEXT",
         help="one literal molecule (repeatable; molecule models)",
+    )
+    parser.add_argument(
+        "--no-standardize",
+        action="store_true",
+        help="embed molecules as sent, without the model's standardisation (a salt or mixture "
+        "is then refused)",
     )
 
 

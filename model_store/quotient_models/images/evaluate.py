@@ -46,10 +46,11 @@ import torch
 
 from quotient_models.images.data import eval_angles, load_mnist
 from quotient_models.images.framing import Framing, find_content, levels
+from quotient_models.images.model import ImageModel
 from quotient_models.images.preprocess import model_input
 from quotient_models.images.transforms import radial_profile, rotate_numpy
 from quotient_models.invariance import invariance_report, relative_change
-from quotient_models.runtime import ImageModel, load_model
+from quotient_models.runtime import load_model
 
 __all__ = [
     "COPY_SETS",

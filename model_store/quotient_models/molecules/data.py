@@ -28,9 +28,17 @@ from pathlib import Path
 import numpy as np
 
 from quotient_models.errors import InputError
-from quotient_models.molecules.featurize import MoleculeDomain, decode_graph, featurize
+from quotient_models.molecules.featurize import MoleculeDomain, MolGraph, decode_graph, featurize
 
-__all__ = ["PROPERTIES", "QM9", "load", "prepare", "qm9pack_dir"]
+__all__ = [
+    "PROPERTIES",
+    "QM9",
+    "featurise_checked",
+    "graph_arrays",
+    "load",
+    "prepare",
+    "qm9pack_dir",
+]
 
 # CSV column → (name, unit, factor to the unit)
 PROPERTIES = {
@@ -78,18 +86,18 @@ def _read_csvs(source: Path, limit: int | None):  # type: ignore[no-untyped-def]
     return df.iloc[:limit] if limit else df
 
 
-def prepare(out: Path, seed: int = 0, limit: int | None = None) -> dict:
-    """Featurise, check, split and write ``qm9.npz`` and ``manifest.json``; returns the manifest."""
-    from rdkit import __version__ as rdkit_version
+def featurise_checked(
+    smiles: list[str], domain: MoleculeDomain | None = None, desc: str = "featurise"
+) -> tuple[list[int], list[MolGraph], Counter[str]]:
+    """Featurise SMILES, keeping those whose graph decodes back to the same canonical SMILES:
+    (positions kept, their graphs, dropped counts by reason)."""
     from tqdm import tqdm
 
-    source = qm9pack_dir()
-    df = _read_csvs(source, limit)
     dropped: Counter[str] = Counter()
     keep, graphs = [], []
-    for row, smiles in enumerate(tqdm(df["SMILES"].tolist(), desc="featurise", mininterval=2)):
+    for row, text in enumerate(tqdm(smiles, desc=desc, mininterval=2)):
         try:
-            g = featurize(smiles)
+            g = featurize(text, domain)
         except InputError as exc:
             dropped[exc.reason.split(":")[0]] += 1
             continue
@@ -104,25 +112,42 @@ def prepare(out: Path, seed: int = 0, limit: int | None = None) -> dict:
             continue
         keep.append(row)
         graphs.append(g)
+    return keep, graphs, dropped
+
+
+def graph_arrays(graphs: list[MolGraph]) -> dict[str, np.ndarray]:
+    """Graphs → the stored arrays, padded to the largest: atomic_numbers, charges, hydrogens,
+    symmetry [M, n] int8 (0 in padding), bonds [M, n, n] int8, n_atoms [M]."""
+    m = len(graphs)
+    n_max = max(g.n_atoms for g in graphs)
+    out = {
+        k: np.zeros((m, n_max), np.int8)
+        for k in ("atomic_numbers", "charges", "hydrogens", "symmetry")
+    }
+    bonds = np.zeros((m, n_max, n_max), np.int8)
+    for k, g in enumerate(graphs):
+        n = g.n_atoms
+        out["atomic_numbers"][k, :n] = g.atomic_numbers
+        out["charges"][k, :n] = g.charges
+        out["hydrogens"][k, :n] = g.hydrogens
+        out["symmetry"][k, :n] = g.symmetry
+        bonds[k, :n, :n] = g.bonds
+    return {**out, "bonds": bonds, "n_atoms": np.array([g.n_atoms for g in graphs], np.int64)}
+
+
+def prepare(out: Path, seed: int = 0, limit: int | None = None) -> dict:
+    """Featurise, check, split and write ``qm9.npz`` and ``manifest.json``; returns the manifest."""
+    from rdkit import __version__ as rdkit_version
+
+    source = qm9pack_dir()
+    df = _read_csvs(source, limit)
+    keep, graphs, dropped = featurise_checked(df["SMILES"].tolist())
     kept = df.iloc[keep].reset_index(drop=True)
     index = kept["Index"].to_numpy(np.int64)
     m = len(graphs)
-    n_max = max(g.n_atoms for g in graphs)
-    z = np.zeros((m, n_max), np.int8)
-    charge = np.zeros((m, n_max), np.int8)
-    hyd = np.zeros((m, n_max), np.int8)
-    sym = np.zeros((m, n_max), np.int8)
-    bonds = np.zeros((m, n_max, n_max), np.int8)
-    n_atoms = np.array([g.n_atoms for g in graphs], np.int64)
-    for k, g in enumerate(graphs):
-        n = g.n_atoms
-        z[k, :n], charge[k, :n], hyd[k, :n], sym[k, :n] = (
-            g.atomic_numbers,
-            g.charges,
-            g.hydrogens,
-            g.symmetry,
-        )
-        bonds[k, :n, :n] = g.bonds
+    arrays = graph_arrays(graphs)
+    z, charge, hyd = arrays["atomic_numbers"], arrays["charges"], arrays["hydrogens"]
+    n_max = z.shape[1]
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(m)
@@ -143,12 +168,7 @@ def prepare(out: Path, seed: int = 0, limit: int | None = None) -> dict:
         qm9_smiles=kept["SMILES"].to_numpy(str),
         properties=props,
         property_names=np.array([n for n, _, _ in PROPERTIES.values()]),
-        atomic_numbers=z,
-        charges=charge,
-        hydrogens=hyd,
-        symmetry=sym,
-        bonds=bonds,
-        n_atoms=n_atoms,
+        **arrays,
     )
     mask = z > 0
     domain = MoleculeDomain(
@@ -238,7 +258,7 @@ def load(data_dir: str | Path) -> QM9:
     """Load ``qm9.npz`` and verify its split against the manifest's checksum."""
     d = Path(data_dir)
     manifest = json.loads((d / "manifest.json").read_text())
-    with np.load(d / "qm9.npz", allow_pickle=False) as f:
+    with np.load(d / manifest.get("file", "qm9.npz"), allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     got = split_checksum(arrays["index"], arrays["split"])
     if got != manifest["split_sha256"]:

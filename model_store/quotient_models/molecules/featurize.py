@@ -16,7 +16,10 @@ molecule, not on the numbering (up to an automorphism, which leaves the molecule
 the embedding stays invariant and symmetric molecules become decodable.
 
 Stereochemistry and isotopes are not part of the graph: stereo marks are dropped (the canonical
-SMILES returned is non-isomeric) and isotope labels are refused.
+SMILES returned is non-isomeric; ``featurize_noted`` reports when the input had any) and isotope
+labels are refused unless the model's standardisation removes them. A model's standardisation
+(``standardize.Standardization``: largest fragment, neutralisation, isotope labels) runs between
+parsing and the graph, in ``featurize_noted``.
 
 What the model accepts (maximum heavy atoms, elements, charges, hydrogens per atom) is a
 ``MoleculeDomain`` stored in the model's model.json, not a constant of this module.
@@ -32,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from quotient_models.errors import InputError
+from quotient_models.molecules.standardize import Standardization, ignored_stereo
+from quotient_models.notes import InputNote
 
 __all__ = [
     "BOND_NAMES",
@@ -43,6 +48,7 @@ __all__ = [
     "collate_graphs",
     "decode_graph",
     "featurize",
+    "featurize_noted",
     "is_molblock_text",
     "mol_to_graph",
     "parse_molblock",
@@ -152,12 +158,29 @@ _SMILES_ATOM = re.compile(r"\[[^\]]*\]|Br|Cl|[BCNOPSFIbcnops*]")
 _BRACKET_HYDROGEN = re.compile(r"\[\d*H(?![a-z])")  # [H], [2H], [H+]; not [Hg], [Ho]
 
 
-def _atom_limit(domain: MoleculeDomain | None) -> int:
-    return MAX_ATOMS_WITHOUT_DOMAIN if domain is None else domain.max_atoms
+# A model that keeps the largest fragment reads texts of up to this many times its max_atoms: the
+# counter-ions and solvents it removes come on top of the parent's atoms.
+FRAGMENT_READ_FACTOR = 2
 
 
-def _check_smiles_cost(text: str, domain: MoleculeDomain | None) -> None:
-    limit = _atom_limit(domain)
+def _atom_limit(domain: MoleculeDomain | None, fragments: bool = False) -> int:
+    if domain is None:
+        return MAX_ATOMS_WITHOUT_DOMAIN
+    return domain.max_atoms * (FRAGMENT_READ_FACTOR if fragments else 1)
+
+
+def _accepts(domain: MoleculeDomain | None, fragments: bool) -> str:
+    limit = _atom_limit(domain, fragments)
+    if domain is None or not fragments:
+        return f"this model accepts at most {limit}"
+    return (
+        f"this model reads at most {limit} (twice its {domain.max_atoms}, for the fragments its "
+        "standardisation removes)"
+    )
+
+
+def _check_smiles_cost(text: str, domain: MoleculeDomain | None, fragments: bool = False) -> None:
+    limit = _atom_limit(domain, fragments)
     if len(text) > _CHARS_PER_ATOM * limit + 64:
         raise InputError(
             f"SMILES of {len(text)} characters is longer than any molecule of at most {limit} "
@@ -165,10 +188,12 @@ def _check_smiles_cost(text: str, domain: MoleculeDomain | None) -> None:
         )
     heavy = sum(1 for m in _SMILES_ATOM.finditer(text) if not _BRACKET_HYDROGEN.match(m.group()))
     if heavy > limit:
-        raise InputError(f"{heavy} heavy atoms; this model accepts at most {limit}")
+        raise InputError(f"{heavy} heavy atoms; {_accepts(domain, fragments)}")
 
 
-def _check_molblock_cost(lines: list[str], domain: MoleculeDomain | None) -> None:
+def _check_molblock_cost(
+    lines: list[str], domain: MoleculeDomain | None, fragments: bool = False
+) -> None:
     """The counts a MolBlock declares, against its own length and the model's limit (hydrogens
     may be explicit atoms, so up to ``max_hydrogens`` per heavy atom)."""
     if len(lines) < 4:
@@ -188,11 +213,11 @@ def _check_molblock_cost(lines: list[str], domain: MoleculeDomain | None) -> Non
     except ValueError:
         raise InputError(f"MolBlock: {where} does not start with atom and bond counts") from None
     hydrogens = 4 if domain is None else domain.max_hydrogens
-    limit = _atom_limit(domain) * (1 + hydrogens)
+    limit = _atom_limit(domain, fragments) * (1 + hydrogens)
     if atoms > limit:
         raise InputError(
             f"MolBlock declares {atoms} atoms in {where}; at most {limit} "
-            f"({_atom_limit(domain)} heavy atoms with up to {hydrogens} hydrogens each)"
+            f"({_atom_limit(domain, fragments)} heavy atoms with up to {hydrogens} hydrogens each)"
         )
     if atoms < 0 or bonds < 0 or atoms + bonds > len(lines):
         raise InputError(
@@ -201,13 +226,18 @@ def _check_molblock_cost(lines: list[str], domain: MoleculeDomain | None) -> Non
         )
 
 
-def parse_smiles(smiles: str, domain: MoleculeDomain | None = None) -> Any:
-    """SMILES → sanitised RDKit molecule (stereo removed), or InputError with the reason."""
+def parse_smiles(
+    smiles: str, domain: MoleculeDomain | None = None, *, fragments: bool = False
+) -> Any:
+    """SMILES → sanitised RDKit molecule (stereo perceived, not removed: ``featurize_noted``
+    reports and drops it), or InputError with the reason. ``fragments``: the text may hold
+    fragments that standardisation removes, so up to ``FRAGMENT_READ_FACTOR`` times the domain's
+    atoms are read."""
     chem = _chem()
     text = smiles.strip()
     if not text:
         raise InputError("empty SMILES")
-    _check_smiles_cost(text, domain)
+    _check_smiles_cost(text, domain, fragments)
     for k, ch in enumerate(text):
         if not ch.isascii() or not ch.isprintable():
             raise InputError(
@@ -233,18 +263,23 @@ def _sanitized(mol: Any) -> Any:
         raise InputError(f"not a valid molecule: {_first_line(exc)}") from None
     for bond in mol.GetBonds():  # before RemoveHs, which crashes on some of the others
         _bond_code(bond)
-    chem.RemoveStereochemistry(mol)
+    # stereo from SMILES marks, MolBlock wedges or 3D coordinates; cleanIt drops marks on atoms
+    # and bonds that are no stereo elements, so only what the input specified is reported
+    chem.AssignStereochemistry(mol, cleanIt=True, force=True)
     return mol
 
 
 _MOLBLOCK_END = "M  END"
 
 
-def parse_molblock(text: str, domain: MoleculeDomain | None = None) -> Any:
-    """MDL MolBlock (V2000 or V3000) or one SDF record → sanitised RDKit molecule (stereo and
-    coordinates ignored, explicit hydrogens folded into counts later), or InputError with the
-    reason. An SDF record's data items after ``M  END`` are ignored; several records are refused
-    (one molecule per input)."""
+def parse_molblock(
+    text: str, domain: MoleculeDomain | None = None, *, fragments: bool = False
+) -> Any:
+    """MDL MolBlock (V2000 or V3000) or one SDF record → sanitised RDKit molecule (stereo
+    perceived as ``parse_smiles``, coordinates ignored, explicit hydrogens folded into counts
+    later), or InputError with the reason. An SDF record's data items after ``M  END`` are
+    ignored; several records are refused (one molecule per input). ``fragments`` as for
+    ``parse_smiles``."""
     chem = _chem()
     if not text.strip():
         raise InputError("empty MolBlock")
@@ -268,7 +303,7 @@ def parse_molblock(text: str, domain: MoleculeDomain | None = None) -> Any:
             f"text holds {len(ends)} MolBlocks ({_MOLBLOCK_END!r} lines); "
             "send one molecule per input"
         )
-    _check_molblock_cost(lines[: ends[0] + 1], domain)
+    _check_molblock_cost(lines[: ends[0] + 1], domain, fragments)
     block = "\n".join(lines[: ends[0] + 1]) + "\n"
     mol = chem.MolFromMolBlock(block, sanitize=False, removeHs=False)
     if mol is None:
@@ -282,12 +317,13 @@ def is_molblock_text(text: str) -> bool:
     return "\n" in text.strip()
 
 
-def parse_text(text: str, domain: MoleculeDomain | None = None) -> Any:
+def parse_text(text: str, domain: MoleculeDomain | None = None, *, fragments: bool = False) -> Any:
     """The molecule model's text input → RDKit molecule: a MolBlock/SDF record or a SMILES, as
-    ``is_molblock_text`` says; ``domain`` bounds what may be parsed at all."""
+    ``is_molblock_text`` says; ``domain`` bounds what may be parsed at all (``fragments`` as for
+    ``parse_smiles``)."""
     if is_molblock_text(text):
-        return parse_molblock(text, domain)
-    return parse_smiles(text, domain)
+        return parse_molblock(text, domain, fragments=fragments)
+    return parse_smiles(text, domain, fragments=fragments)
 
 
 def _clip(text: str, limit: int = 80) -> str:
@@ -378,10 +414,31 @@ def mol_to_graph(mol: Any, domain: MoleculeDomain | None = None) -> MolGraph:
     )
 
 
-def featurize(text: str, domain: MoleculeDomain | None = None) -> MolGraph:
+def featurize(
+    text: str,
+    domain: MoleculeDomain | None = None,
+    standardization: Standardization | None = None,
+) -> MolGraph:
     """One client molecule (SMILES, or MolBlock / one SDF record) → graph, or InputError with
-    the reason."""
-    return mol_to_graph(parse_text(text, domain), domain)
+    the reason (``featurize_noted`` without the notes)."""
+    return featurize_noted(text, domain, standardization)[0]
+
+
+def featurize_noted(
+    text: str,
+    domain: MoleculeDomain | None = None,
+    standardization: Standardization | None = None,
+) -> tuple[MolGraph, tuple[InputNote, ...]]:
+    """One client molecule → its graph and what was changed in it or ignored of it: parse,
+    standardise (``standardization``; None: nothing), drop the stereochemistry, check the
+    domain. The notes are in that order (fragments, charges, isotopes, stereo); none when the
+    graph is the input's as sent."""
+    policy = standardization or Standardization()
+    mol = parse_text(text, domain, fragments="largest_fragment" in policy.steps)
+    mol, notes = policy.apply(mol)
+    stereo = ignored_stereo(mol)
+    graph = mol_to_graph(mol, domain)
+    return graph, tuple(notes) + (() if stereo is None else (stereo,))
 
 
 def canonical_smiles(smiles: str) -> str:
@@ -437,10 +494,13 @@ def collate_graphs(graphs: Sequence[MolGraph], domain: MoleculeDomain) -> dict[s
 
 @dataclass(frozen=True)
 class DecodedMolecule:
-    """A decoded graph as canonical SMILES, or the reason it is not a valid molecule."""
+    """A decoded graph as canonical SMILES, or the reason there is no molecule; ``distance``: how
+    far the decoded molecule's embedding is from the one decoded (``MoleculeModel.decode``), None
+    where no molecule was re-embedded."""
 
     smiles: str | None
     reason: str | None = None
+    distance: float | None = None
 
 
 def decode_graph(
@@ -448,8 +508,16 @@ def decode_graph(
     charges: Sequence[int],
     hydrogens: Sequence[int],
     bonds: np.ndarray,
+    derive_hydrogens: bool = True,
 ) -> DecodedMolecule:
-    """Graph (element symbols, charges, hydrogen counts, bond codes [n, n]) → canonical SMILES."""
+    """Graph (element symbols, charges, hydrogen counts, bond codes [n, n]) → canonical SMILES.
+
+    With ``derive_hydrogens`` (the default) the hydrogen count of an atom without aromatic bonds
+    is not taken from ``hydrogens`` but derived by RDKit from its element, charge and bonds (the
+    smallest allowed valence, RDKit's implicit hydrogens): radicals are outside every domain
+    (``mol_to_graph`` refuses them), so these counts are determined, and a miscounted one would
+    only make a radical (qm9-vae decoded methane as ``[C]``). Aromatic atoms keep ``hydrogens``:
+    pyrrole's ``[nH]`` and pyridine's ``n`` have the same bonds."""
     chem = _chem()
     n = len(elements)
     if n == 0:
@@ -459,8 +527,9 @@ def decode_graph(
     for i in range(n):
         atom = chem.Atom(_atomic_number(elements[i]))
         atom.SetFormalCharge(int(charges[i]))
-        atom.SetNumExplicitHs(int(hydrogens[i]))
-        atom.SetNoImplicit(True)
+        derived = derive_hydrogens and not aromatic[i]
+        atom.SetNumExplicitHs(0 if derived else int(hydrogens[i]))
+        atom.SetNoImplicit(not derived)
         atom.SetIsAromatic(bool(aromatic[i]))
         rw.AddAtom(atom)
     types = {

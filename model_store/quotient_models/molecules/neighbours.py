@@ -25,7 +25,13 @@ import numpy as np
 from quotient_models.molecules.model import MoleculeModel
 from quotient_models.neighbours import mean_abs_difference, nearest
 
-__all__ = ["PADDINGS_COMPARED", "neighbour_quality"]
+__all__ = [
+    "PADDINGS_COMPARED",
+    "ecfp4_fingerprints",
+    "neighbour_quality",
+    "random_neighbours",
+    "tanimoto_overlap",
+]
 
 K = 10
 # The paddings compared (name → pad_value): every value 2.0 (qm9-vae <= 1.2.0) and the marker row
@@ -36,7 +42,8 @@ METRICS = ("l2", "cosine")
 PROPERTIES = ("gap", "alpha")
 
 
-def _fingerprints(smiles: list[str]) -> list[Any]:
+def ecfp4_fingerprints(smiles: list[str]) -> list[Any]:
+    """ECFP4 bit vectors (Morgan radius 2, 2048 bits) of SMILES, for Tanimoto similarity."""
     from rdkit import Chem
     from rdkit.Chem import rdFingerprintGenerator
 
@@ -44,7 +51,7 @@ def _fingerprints(smiles: list[str]) -> list[Any]:
     return [gen.GetFingerprint(Chem.MolFromSmiles(s)) for s in smiles]
 
 
-def _tanimoto_scores(
+def tanimoto_overlap(
     fps: list[Any], neighbours: dict[str, np.ndarray], k: int
 ) -> tuple[dict[str, float], np.ndarray]:
     """overlap@k with the ECFP4 neighbours for each set of neighbours [n, k], and the ECFP4
@@ -62,6 +69,12 @@ def _tanimoto_scores(
         for name, nn in neighbours.items():
             hits[name] += int((sims[nn[i]] >= kth).sum())
     return {name: hits[name] / (len(fps) * k) for name in neighbours}, ecfp
+
+
+def random_neighbours(n: int, k: int, seed: int) -> np.ndarray:
+    """``k`` random other items [n, k] for each of ``n`` (the reference row of the tables)."""
+    others = np.random.default_rng(seed).integers(0, n - 1, (n, k))
+    return others + (others >= np.arange(n)[:, None])  # never the query itself
 
 
 def _embeddings(
@@ -98,11 +111,9 @@ def neighbour_quality(
         for (f, padding), values in embeddings.items()
         for metric in METRICS
     }
-    rng = np.random.default_rng(seed)
-    others = rng.integers(0, len(z) - 1, (len(z), k))
-    random = others + (others >= np.arange(len(z))[:, None])  # never the query itself
+    random = random_neighbours(len(z), k, seed)
     named = {"|".join(key): nn for key, nn in neighbours.items()} | {"random": random}
-    overlap, ecfp = _tanimoto_scores(_fingerprints(smiles), named, k)
+    overlap, ecfp = tanimoto_overlap(ecfp4_fingerprints(smiles), named, k)
     atoms = mask.sum(1)
 
     def row(nn: np.ndarray, name: str) -> dict[str, Any]:

@@ -43,7 +43,13 @@ import numpy as np
 
 from quotient_models.projections import ProjectionInfo, ProjectionOutput
 
-__all__ = ["PADDINGS", "SortedProjectionHead", "orbit_distance", "tolerant_order"]
+__all__ = [
+    "PADDINGS",
+    "SortedProjectionHead",
+    "min_cost_assignment",
+    "orbit_distance",
+    "tolerant_order",
+]
 
 # How a missing atom's row is written: "marker" = (pad_value, 0, ..., 0), "fill" = every value
 # pad_value (projection.json files without a "padding" entry, qm9-vae <= 1.2.0).
@@ -69,13 +75,51 @@ def tolerant_order(rows: np.ndarray, tol: float) -> np.ndarray:
     return np.lexsort([*r64.T[::-1], *keys[::-1]])
 
 
+def min_cost_assignment(cost: np.ndarray) -> np.ndarray:
+    """The column assigned to each row [n] minimising the total of a square ``cost`` [n, n]: the
+    Hungarian algorithm with potentials, O(n³), vectorised over columns. numpy only, as the
+    serving path (``MoleculeModel.decode`` verifies every decode with ``orbit_distance``) has no
+    scipy; for a 9 x 9 cost it takes about 0.5 ms."""
+    c = np.asarray(cost, dtype=np.float64)
+    n = len(c)
+    if c.shape != (n, n):
+        raise ValueError(f"expected a square cost matrix, got {list(c.shape)}")
+    u, v = np.zeros(n + 1), np.zeros(n + 1)
+    owner = np.zeros(n + 1, dtype=np.int64)  # owner[j]: row (1-based) holding column j; 0 free
+    for i in range(1, n + 1):
+        owner[0], j0 = i, 0
+        best = np.full(n + 1, np.inf)  # least reduced cost to reach each column
+        via = np.zeros(n + 1, dtype=np.int64)
+        used = np.zeros(n + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0 = owner[j0]
+            reduced = c[i0 - 1] - u[i0] - v[1:]
+            better = ~used[1:] & (reduced < best[1:])
+            best[1:][better] = reduced[better]
+            via[1:][better] = j0
+            j1 = 1 + int(np.argmin(np.where(used[1:], np.inf, best[1:])))
+            delta = best[j1]
+            u[owner[used]] += delta
+            v[used] -= delta
+            best[~used] -= delta
+            j0 = j1
+            if owner[j0] == 0:
+                break
+        while j0:  # augment along the path found
+            j1 = via[j0]
+            owner[j0] = owner[j1]
+            j0 = j1
+    cols = np.zeros(n, dtype=np.int64)
+    cols[owner[1:] - 1] = np.arange(n)
+    return cols
+
+
 def orbit_distance(a: np.ndarray, b: np.ndarray) -> float:
     """min over permutations P of ‖a − P b‖ for row sets a, b [n, d] (Hungarian assignment)."""
-    from scipy.optimize import linear_sum_assignment
-
     cost = ((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1)
-    rows, cols = linear_sum_assignment(cost)
-    return float(np.sqrt(cost[rows, cols].sum()))
+    cols = min_cost_assignment(cost)
+    return float(np.sqrt(max(cost[np.arange(len(cost)), cols].sum(), 0.0)))
 
 
 @dataclass

@@ -38,8 +38,12 @@ from quotient_models.molecules.projections import SortedProjectionHead
 __all__ = ["dense_arrays", "export", "main", "to_pyg", "train"]
 
 
-def dense_arrays(data: QM9, domain: MoleculeDomain) -> tuple[np.ndarray, np.ndarray]:
-    """All molecules as vocabulary indices: atoms [M, N, 4] (-1 padding), bonds [M, N, N]."""
+def dense_arrays(
+    data: QM9, domain: MoleculeDomain, pad_to_domain: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """All molecules as vocabulary indices: atoms [M, N, 4] (-1 padding), bonds [M, N, N]; N is
+    the domain's max_atoms, or with ``pad_to_domain=False`` the data's largest molecule (a
+    drug-like domain of 64 atoms over data of at most 27 would waste memory)."""
     a = data.arrays
     z = a["atomic_numbers"].astype(np.int64)
     m, n = z.shape
@@ -51,7 +55,8 @@ def dense_arrays(data: QM9, domain: MoleculeDomain) -> tuple[np.ndarray, np.ndar
     for k, sym in enumerate(domain.elements):
         el_lut[next(q for q, s in _SYMBOLS.items() if s == sym)] = k
     ch_lut = {c: k for k, c in enumerate(domain.charges)}
-    atoms = np.full((m, domain.max_atoms, 4), -1, np.int64)
+    width = domain.max_atoms if pad_to_domain else n
+    atoms = np.full((m, width, 4), -1, np.int64)
     real = z > 0
     atoms[:, :n, 0] = np.where(real, el_lut[z], -1)
     atoms[:, :n, 1] = np.where(
@@ -59,7 +64,7 @@ def dense_arrays(data: QM9, domain: MoleculeDomain) -> tuple[np.ndarray, np.ndar
     )
     atoms[:, :n, 2] = np.where(real, a["hydrogens"], -1)
     atoms[:, :n, 3] = np.where(real, np.minimum(a["symmetry"], domain.symmetry_slots - 1), -1)
-    bonds = np.zeros((m, domain.max_atoms, domain.max_atoms), np.int64)
+    bonds = np.zeros((m, width, width), np.int64)
     bonds[:, :n, :n] = a["bonds"]
     return atoms, bonds
 
@@ -67,11 +72,11 @@ def dense_arrays(data: QM9, domain: MoleculeDomain) -> tuple[np.ndarray, np.ndar
 def to_pyg(atoms: Tensor, bonds: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Dense batch → (atoms [n, 4], edge_index [2, E], bond codes [E], batch [n], mask [B, N])."""
     mask = atoms[..., 0] >= 0
-    node = torch.full(mask.shape, -1, dtype=torch.long)
-    node[mask] = torch.arange(int(mask.sum()))
+    node = torch.full(mask.shape, -1, dtype=torch.long, device=atoms.device)
+    node[mask] = torch.arange(int(mask.sum()), device=atoms.device)
     b, i, j = (bonds > 0).nonzero(as_tuple=True)
     edge_index = torch.stack([node[b, j], node[b, i]])  # source j → target i
-    batch = torch.arange(len(atoms)).unsqueeze(1).expand_as(mask)[mask]
+    batch = torch.arange(len(atoms), device=atoms.device).unsqueeze(1).expand_as(mask)[mask]
     return atoms[mask], edge_index, bonds[b, i, j], batch, mask
 
 
@@ -79,10 +84,11 @@ def losses(model: GraphVAE, atoms: Tensor, bonds: Tensor, sample: bool = True) -
     x, edge_index, codes, batch, mask = to_pyg(atoms, bonds)
     mu, logvar = model.encoder(x, edge_index, codes, batch)
     z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
-    zd = torch.zeros(*mask.shape, mu.shape[-1])
+    zd = torch.zeros(*mask.shape, mu.shape[-1], device=mu.device)
     zd[mask] = z
     el, ch, hy, bo = model.decoder(zd, mask)
-    pair = mask.unsqueeze(1) & mask.unsqueeze(2) & ~torch.eye(mask.shape[1], dtype=torch.bool)
+    eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
+    pair = mask.unsqueeze(1) & mask.unsqueeze(2) & ~eye
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1).mean()
     rec = (
         F.cross_entropy(el[mask], atoms[mask][:, 0])
@@ -91,7 +97,7 @@ def losses(model: GraphVAE, atoms: Tensor, bonds: Tensor, sample: bool = True) -
         + F.cross_entropy(bo[pair], bonds[pair]) * 2.0
     )
     with torch.no_grad():
-        wrong = torch.zeros(mask.shape, dtype=torch.bool)
+        wrong = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
         for logits, col in ((el, 0), (ch, 1), (hy, 2)):
             wrong |= (logits.argmax(-1) != atoms[..., col]) & mask
         bad_pair = (bo.argmax(-1) != bonds) & pair
@@ -99,20 +105,33 @@ def losses(model: GraphVAE, atoms: Tensor, bonds: Tensor, sample: bool = True) -
     return {"rec": rec, "kl": kl, "exact": exact.float().mean()}
 
 
+def batch_tensors(
+    atoms: np.ndarray, bonds: np.ndarray, rows: np.ndarray, trim: bool, device: str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """The molecules ``rows`` as tensors on ``device``; with ``trim`` cut to the batch's largest
+    molecule (the networks mask padding rows, so only the cost changes)."""
+    a, b = atoms[rows], bonds[rows]
+    if trim:
+        n = max(int((a[..., 0] >= 0).sum(axis=1).max()), 1)
+        a, b = a[:, :n], b[:, :n, :n]
+    return torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
+
+
 @torch.no_grad()
 def evaluate_exact(
-    model: GraphVAE, atoms: np.ndarray, bonds: np.ndarray, batch: int = 1024
+    model: GraphVAE,
+    atoms: np.ndarray,
+    bonds: np.ndarray,
+    batch: int = 1024,
+    trim: bool = False,
+    device: str = "cpu",
 ) -> float:
     model.eval()
     hits = []
     for s in range(0, len(atoms), batch):
-        out = losses(
-            model,
-            torch.from_numpy(atoms[s : s + batch]),
-            torch.from_numpy(bonds[s : s + batch]),
-            False,
-        )
-        hits.append(float(out["exact"]) * len(atoms[s : s + batch]))
+        rows = np.arange(s, min(s + batch, len(atoms)))
+        out = losses(model, *batch_tensors(atoms, bonds, rows, trim, device), False)
+        hits.append(float(out["exact"]) * len(rows))
     model.train()
     return sum(hits) / len(atoms)
 
@@ -125,7 +144,10 @@ def train(args: argparse.Namespace) -> Path:
     rng = np.random.default_rng(args.seed)
     data = load(args.data)
     domain = data.domain
-    atoms, bonds = dense_arrays(data, domain)
+    # a domain much wider than the data (drug-like: 64 atoms, MOSES at most 27) is trained at the
+    # data's size, each batch cut to its largest molecule; QM9 keeps the plan it was made with
+    trim = domain.max_atoms > data.arrays["atomic_numbers"].shape[1]
+    atoms, bonds = dense_arrays(data, domain, pad_to_domain=not trim)
     tr, va = data.rows("train"), data.rows("val")
     if args.limit:
         tr = rng.choice(tr, size=min(args.limit, len(tr)), replace=False)
@@ -140,7 +162,7 @@ def train(args: argparse.Namespace) -> Path:
         enc_layers=args.enc_layers,
         dec_layers=args.dec_layers,
     )
-    model = GraphVAE(cfg)
+    model = GraphVAE(cfg).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
     steps_per_epoch = math.ceil(len(tr) / args.batch_size)
     epochs = args.epochs
@@ -158,7 +180,7 @@ def train(args: argparse.Namespace) -> Path:
             for g in opt.param_groups:
                 g["lr"] = lr
             rows = perm[step * args.batch_size : (step + 1) * args.batch_size]
-            out = losses(model, torch.from_numpy(atoms[rows]), torch.from_numpy(bonds[rows]))
+            out = losses(model, *batch_tensors(atoms, bonds, rows, trim, args.device))
             beta = args.beta * min(1.0, (epoch * steps_per_epoch + step) / (2 * steps_per_epoch))
             loss = out["rec"] + beta * out["kl"]
             opt.zero_grad(set_to_none=True)
@@ -172,7 +194,7 @@ def train(args: argparse.Namespace) -> Path:
                     exact=f"{float(out['exact']):.3f}",
                 )
         epoch += 1
-        val_exact = evaluate_exact(model, atoms[va], bonds[va])
+        val_exact = evaluate_exact(model, atoms[va], bonds[va], trim=trim, device=args.device)
         history.append(
             {"epoch": epoch, "val_exact_graph": val_exact, "minutes": (time.time() - start) / 60}
         )
@@ -192,6 +214,7 @@ def train(args: argparse.Namespace) -> Path:
             break
     assert best_state is not None
     model.load_state_dict(best_state)
+    model = model.cpu()
     info = {
         "epochs": epoch,
         "planned_epochs": epochs,
@@ -199,6 +222,8 @@ def train(args: argparse.Namespace) -> Path:
         "best_val_exact_graph": best,
         "minutes": (time.time() - start) / 60,
         "train_molecules": len(tr),
+        "device": args.device,
+        "torch": torch.__version__,
         "history": history,
         "args": {k: str(v) for k, v in vars(args).items()},
     }
@@ -206,7 +231,16 @@ def train(args: argparse.Namespace) -> Path:
         "manifest_split_sha256": data.manifest["split_sha256"],
         "counts": data.manifest["counts"],
     }
-    return export(model, domain, Path(args.out), info, data_info, type_key=not args.no_type_key)
+    return export(
+        model,
+        domain,
+        Path(args.out),
+        info,
+        data_info,
+        type_key=not args.no_type_key,
+        dataset=data.manifest.get("dataset", "QM9"),
+        dynamic_atoms=trim,
+    )
 
 
 def export(
@@ -216,11 +250,15 @@ def export(
     info: dict,
     data_info: dict,
     type_key: bool = True,
+    dataset: str = "QM9",
+    dynamic_atoms: bool = False,
 ) -> Path:
     """Write the model directory: weights, ONNX + TorchScript of the dense encoder and decoder,
     projection.json, model.json, a model card stub and metrics.json. With ``type_key`` the
     sorted projection orders rows by the atom-type sort key (``featurize.type_coordinates``)
-    before the latent; the networks and every output's values are the same either way."""
+    before the latent; the networks and every output's values are the same either way. With
+    ``dynamic_atoms`` the exported networks take any number of atom rows up to the domain's (the
+    service then pads a batch to its largest molecule, not to the domain's maximum)."""
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     cfg = model.cfg
@@ -233,6 +271,9 @@ def export(
     atoms[:, :3] = 0
     bonds = torch.zeros(2, n, n, dtype=torch.long)
     bonds[:, 0, 1] = bonds[:, 1, 0] = 1
+    if dynamic_atoms:  # traced at a size other than the maximum, so no size is baked in
+        n = min(n, 7)
+        atoms, bonds = atoms[:, :n], bonds[:, :n, :n]
     enc, dec = DenseEncoder(model.encoder).eval(), DenseDecoder(model.decoder).eval()
     z = enc(atoms, bonds)
     mask = atoms[..., 0] >= 0
@@ -247,7 +288,15 @@ def export(
             opset_version=17,
             input_names=["atoms", "bonds"],
             output_names=["latent"],
-            dynamic_axes={"atoms": {0: "batch"}, "bonds": {0: "batch"}, "latent": {0: "batch"}},
+            dynamic_axes=(
+                {
+                    "atoms": {0: "batch", 1: "atoms"},
+                    "bonds": {0: "batch", 1: "atoms", 2: "atoms"},
+                    "latent": {0: "batch", 1: "atoms"},
+                }
+                if dynamic_atoms
+                else {"atoms": {0: "batch"}, "bonds": {0: "batch"}, "latent": {0: "batch"}}
+            ),
         )
         torch.onnx.export(
             dec,
@@ -258,34 +307,46 @@ def export(
             input_names=["latent", "mask"],
             output_names=["element", "charge", "hydrogens", "bonds"],
             dynamic_axes={
-                k: {0: "batch"}
+                k: (
+                    {0: "batch", 1: "atoms", **({2: "atoms"} if k == "bonds" else {})}
+                    if dynamic_atoms
+                    else {0: "batch"}
+                )
                 for k in ("latent", "mask", "element", "charge", "hydrogens", "bonds")
             },
         )
     keys = TYPE_KEY if type_key else ()
+    n = domain.max_atoms
     head = SortedProjectionHead(
         max_atoms=n, dim=cfg.latent_dim, latent_bound=cfg.latent_bound, key=keys
     )
     head.save(out / "projection.json")
     name = out.name
+    what = "QM9 molecule" if dataset == "QM9" else "drug-like molecule (trained on MOSES)"
     spec = {
         "name": name,
-        # 1.1: the fixed 6-epoch plan (1.0 fitted epochs to a budget); 1.2: type coordinates;
-        # 1.3: padding rows (pad_value, 0, ..., 0) instead of all 2.0 (projections.py)
-        "version": "1.3.0",
-        "description": "Permutation-invariant QM9 molecule embeddings: graph VAE, "
+        # qm9-vae 1.1: the fixed 6-epoch plan (1.0 fitted epochs to a budget); 1.2: type
+        # coordinates; 1.3: padding rows (pad_value, 0, ..., 0) instead of all 2.0
+        "version": "1.3.0" if dataset == "QM9" else "1.0.0",
+        "description": f"Permutation-invariant {what} embeddings: graph VAE, "
         f"{cfg.latent_dim} latent dimensions per heavy atom, sorted-row projection "
         + ("(rows ordered by atom type, then latent) " if keys else "")
         + "that decodes back to SMILES.",
         "modality": "molecule",
         "architecture": ARCHITECTURE,
         "group": {
-            "name": f"S{n}",
-            "order": math.factorial(n),
+            # S_n for n up to the domain's maximum; the order fits the API's int32 only for small n
+            # (0 = "depends on the input", as the API defines it)
+            "name": f"S{n}" if dataset == "QM9" else f"S_n (n <= {n})",
+            "order": math.factorial(n) if math.factorial(n) < 2**31 else 0,
             "description": "permutations of the heavy atoms (renumbering)",
         },
         "domain": domain.to_json(),
-        "input": {"format": "SMILES", "max_atoms": n},
+        "input": {
+            "format": "SMILES",
+            "max_atoms": n,
+            **({} if dataset == "QM9" else {"standardize": ["largest_fragment", "neutralize"]}),
+        },
         "latent": {
             "dim": cfg.latent_dim,
             "sort_key": list(keys),
@@ -294,7 +355,11 @@ def export(
         },
         "projection_head": {"file": "projection.json"},
         "default_projection": "sorted",
-        "encoder": {"onnx": "encoder.onnx", "torchscript": "encoder.pt"},
+        "encoder": {
+            "onnx": "encoder.onnx",
+            "torchscript": "encoder.pt",
+            **({"dynamic_atoms": True} if dynamic_atoms else {}),
+        },
         "decoder": {"onnx": "decoder.onnx", "torchscript": "decoder.pt"},
         "checkpoint": "checkpoint.pt",
         "data": data_info,
@@ -344,6 +409,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="train on a random subset (pilots)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device for training (cuda for a GPU plan); the export runs on the CPU",
+    )
     p.add_argument(
         "--threads",
         type=int,

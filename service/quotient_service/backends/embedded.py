@@ -11,8 +11,6 @@ import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
 from quotient_models import serving
 from quotient_models.errors import require
 from quotient_models.runtime import (
@@ -47,20 +45,10 @@ def resolve_device(device: str, engine: str) -> str:
 
 
 def warmup_payload(model: EmbeddingModel) -> bytes:
-    """One small batch for the model's modality (compiles kernels, allocates arenas). A model may
-    provide its own item with a ``warmup_item()`` method; otherwise a blank image or ethanol."""
-    hook = getattr(model, "warmup_item", None)
-    if callable(hook):
-        item = hook()
-    elif model.spec.modality == "image":
-        item = np.zeros((1, model.spec.input_size, model.spec.input_size), dtype=np.float32)
-    elif model.spec.modality == "molecule":
-        item = model.prepare(b"CCO", InputLimits())
-    else:
-        raise ValueError(
-            f"{model.spec.name}: no warm-up input for modality {model.spec.modality!r}"
-        )
-    return serving.encode_batch(model.collate([item]), model.resolve_projection(None))
+    """One small batch of the model's own warm-up items (``EmbeddingModel.warmup_inputs``),
+    prepared and collated as a client's would be."""
+    items = [model.prepare(data, InputLimits()) for data in model.warmup_inputs()]
+    return serving.encode_batch(model.collate(items), model.resolve_projection(None))
 
 
 class EmbeddedBackend(Backend):
