@@ -56,6 +56,20 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
     evaluate.main(
         ["invariance", "--data", str(tmp_path / "qm9"), "--model", str(out), "--numberings", "5"]
     )
+    # the figures do not depend on how many processes measure them (chunks are seeded alone)
+    one, two = (
+        evaluate.invariance(
+            evaluate.load_molecule_model(out, threads=1),
+            data.load(tmp_path / "qm9"),
+            None,
+            3,
+            0,
+            1e-5,
+            jobs=jobs,
+        )
+        for jobs in (1, 2)
+    )
+    assert one == two and one["molecules"] > 0
     evaluate.main(["reconstruction", "--data", str(tmp_path / "qm9"), "--model", str(out)])
     evaluate.main(
         ["regression", "--data", str(tmp_path / "qm9"), "--model", str(out), "--krr-rows", "200"]

@@ -35,9 +35,11 @@ from quotient_models.molecules.data import load
 from quotient_models.molecules.model import MoleculeModel, load_molecule_model
 from quotient_models.runtime import InputLimits, PrepareOptions
 
-__all__ = ["acceptance", "main", "write_card"]
+__all__ = ["acceptance", "main", "wilson_interval", "write_card"]
 
 DATA = Path("data/moses")
+# downstream feature sets whose test MAE GetModel serves (the card has all of them)
+DOWNSTREAM_FIGURES = ("sorted", "ecfp4", "descriptors", "sorted+descriptors")
 KEYS = ("acceptance", "invariance", "reconstruction", "simplest", "downstream")
 
 
@@ -113,9 +115,24 @@ def figures(key: str, r: dict[str, Any], command: str) -> list[dict[str, Any]]:
                 "standardisation)",
             )
     elif key == "downstream":
-        for task, table in r.get("figures", {}).items():
-            for feature, value in table.items():
-                add(f"{task}.{feature}", value, f"test MAE of {task} from '{feature}'")
+        for task, t in r["tasks"].items():
+            for target, row in t.get("results", {}).items():
+                unit = t["units"].get(target, "")
+                for feature in DOWNSTREAM_FIGURES:
+                    add(
+                        f"{task}.{target}.{feature}.mae",
+                        row[feature]["mae"],
+                        f"test MAE{f' ({unit})' if unit else ''} of {target} ({task}) by "
+                        f"gradient boosting on '{feature}'",
+                    )
+            for name, row in t.get("rows", {}).items():
+                if row.get("ecfp4_overlap") is not None and name != "random":
+                    add(
+                        f"{task}.{name.split(' ')[0]}.ecfp4_overlap",
+                        row["ecfp4_overlap"],
+                        f"overlap of the 10 nearest MOSES test molecules by '{name}' with "
+                        "their ECFP4 Tanimoto neighbours",
+                    )
     else:
         # the QM9 evaluation's figures, with this command
         for f in qm9_eval.figures(key, r, Path(".")):
@@ -154,6 +171,29 @@ def _load_results(model_dir: Path) -> dict[str, dict[str, Any]]:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
+
+
+TEST_MOLECULES = 176_074  # MOSES test split (molsets 0.3.1), all prepared by make data-druglike
+
+
+def _sample_words(n: int, total: int) -> str:
+    return "" if n >= total else f" (a seeded sample of the {total:,})"
+
+
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion measured on n items."""
+    if n == 0:
+        return 0.0, 1.0
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (rate * (1 - rate) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _interval_words(rate: float, n: int, total: int) -> str:
+    if n >= total:
+        return ""
+    lo, hi = wilson_interval(rate, n)
+    return f" (95% interval for the whole split {_pct(lo)}–{_pct(hi)})"
 
 
 def write_card(model_dir: Path) -> None:
@@ -221,17 +261,23 @@ def write_card(model_dir: Path) -> None:
         v = r["invariance"]
         lines += ["", "## Invariance", "", f"`{v['command']}`", ""]
         lines += [
-            f"{v['molecules']:,} MOSES test molecules, each written with {v['numberings']} random "
-            "atom numberings and embedded through the serving path.",
+            f"{v['molecules']:,} MOSES test molecules"
+            + (_sample_words(v["molecules"], TEST_MOLECULES) or " (the whole split)")
+            + f", each written with {v['numberings']} random "
+            "atom numberings and embedded through the serving path; per molecule, its largest "
+            "change over them (max and median over the molecules).",
             "",
-            "| projection | max relative change | median |",
-            "|---|---|---|",
+            "| projection | max relative change | median | molecules above "
+            f"{v.get('invariance_tolerance', 1e-5):g} |",
+            "|---|---|---|---|",
         ]
         for p in qm9_eval.PROJECTIONS:
             lines.append(
                 f"| `{p}` | {v[f'max_relative_change_{p}']:.2e} | "
-                f"{v[f'median_relative_change_{p}']:.2e} |"
+                f"{v[f'median_relative_change_{p}']:.2e} | "
+                f"{v.get(f'molecules_above_tolerance_{p}', '-')} |"
             )
+        lines += qm9_eval.invariance_failure_lines(v)
         c = v["coincident_distinct_molecules"]
         lines += [
             "",
@@ -246,8 +292,11 @@ def write_card(model_dir: Path) -> None:
         lines += [
             f"Decoded as Decode serves it (verified: a decode that does not re-embed within "
             f"{c['decode_tolerance']:g} of its embedding is refused, never returned as another "
-            f"molecule). {c['molecules']:,} MOSES test molecules: exact from `sorted` "
-            f"{_pct(c['exact_rate_sorted'])}, from `raw` {_pct(c['exact_rate_raw'])}; decoding "
+            f"molecule). {c['molecules']:,} MOSES test molecules"
+            + _sample_words(c["molecules"], TEST_MOLECULES)
+            + f": exact from `sorted` {_pct(c['exact_rate_sorted'])}"
+            + _interval_words(c["exact_rate_sorted"], c["molecules"], TEST_MOLECULES)
+            + f", from `raw` {_pct(c['exact_rate_raw'])}; decoding "
             f"`sorted` and `raw` agree for {_pct(c['agreement_sorted_raw'])}; wrong SMILES "
             f"returned {_pct(c['wrong_rate_sorted'])}.",
             "",
@@ -296,6 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--numberings", type=int, default=5)
     parser.add_argument("--coincide-rtol", type=float, default=1e-5)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="invariance, downstream: processes (the figures do not change)",
+    )
     args = parser.parse_args(argv)
     model = load_molecule_model(args.model)
     keys = KEYS if args.command == "all" else (() if args.command == "card" else (args.command,))
@@ -311,12 +366,18 @@ def main(argv: list[str] | None = None) -> None:
         elif key == "downstream":
             from quotient_models.molecules.downstream import run
 
-            result = run(model, seed=args.seed)
+            result = run(model, seed=args.seed, jobs=args.jobs)
         else:
             data = load(args.data)
             if key == "invariance":
                 result = qm9_eval.invariance(
-                    model, data, args.limit, args.numberings, args.seed, args.coincide_rtol
+                    model,
+                    data,
+                    args.limit,
+                    args.numberings,
+                    args.seed,
+                    args.coincide_rtol,
+                    args.jobs,
                 )
             elif key == "reconstruction":
                 result = qm9_eval.reconstruction(model, data, args.limit, args.seed)

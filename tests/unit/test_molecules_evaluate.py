@@ -1,0 +1,87 @@
+"""Pieces of the molecule cards' measurements that need no model: the exact nearest-other search
+behind "coinciding distinct molecules" and the sampling interval of a reconstruction rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quotient_models.molecules.evaluate import _coincidences, _nearest_other
+from quotient_models.molecules.evaluate_druglike import wilson_interval
+
+
+def _brute(v: np.ndarray) -> np.ndarray:
+    d = np.linalg.norm(v[:, None, :] - v[None, :, :], axis=2)
+    np.fill_diagonal(d, np.inf)
+    return d.min(1)
+
+
+@pytest.mark.parametrize(
+    "n,chunk,dims", [(2, 1, 40), (3, 2, 40), (57, 8, 40), (300, 1024, 40), (300, 64, 16)]
+)
+def test_nearest_other_is_exact(n: int, chunk: int, dims: int) -> None:
+    v = np.random.default_rng(n).normal(size=(n, dims)) * 30
+    assert np.allclose(_nearest_other(v, chunk), _brute(v), rtol=1e-9, atol=0)
+
+
+def test_a_near_coincidence_is_not_lost_to_float32_cancellation() -> None:
+    # norms of 100: float32 squared distances carry errors of ~1e-2, the pair is 1e-6 apart
+    v = np.random.default_rng(0).normal(size=(200, 64)) * 12
+    v[17] = v[90] + 1e-6 / 8
+    got = _nearest_other(v)
+    assert got[17] == pytest.approx(np.linalg.norm(v[17] - v[90]), rel=1e-9)
+    c = _coincidences(v, [f"m{k}" for k in range(200)], rtol=1e-5)
+    assert c["coinciding"] == 2 and c["distinct"] == 200  # both molecules of the pair
+
+
+@pytest.mark.parametrize("dims", [2, 48])
+def test_a_duplicate_row_is_at_distance_zero(dims: int) -> None:
+    v = np.random.default_rng(1).normal(size=(40, dims))
+    v[3] = v[30]
+    got = _nearest_other(v)
+    assert got[3] == 0 and got[30] == 0 and (np.delete(got, [3, 30]) > 0).all()
+
+
+def test_one_molecule_has_no_neighbour_and_duplicates_count_once() -> None:
+    assert np.isinf(_nearest_other(np.ones((1, 3)))).all()
+    v = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
+    # the same canonical SMILES twice is one molecule, not a coincidence
+    assert _coincidences(v, ["C", "C", "N"], 1e-5)["coinciding"] == 0
+    assert _coincidences(v, ["C", "O", "N"], 1e-5)["coinciding"] == 2
+
+
+def test_wilson_interval() -> None:
+    lo, hi = wilson_interval(0.5, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.4038, 0.5962)  # the textbook figures
+    assert wilson_interval(1.0, 10)[1] == 1.0 and wilson_interval(1.0, 10)[0] < 0.75
+    lo, hi = wilson_interval(0.962, 500)
+    assert lo < 0.962 < hi and hi - lo < 0.04
+    assert wilson_interval(0.3, 0) == (0.0, 1.0)
+
+
+def test_downstream_figures_are_the_compared_feature_sets() -> None:
+    from quotient_models.molecules.evaluate_druglike import DOWNSTREAM_FIGURES, figures
+
+    row = {f: {"mae": 1.0 + k, "rmse": 2.0} for k, f in enumerate(DOWNSTREAM_FIGURES)}
+    row |= {"predict_mean": {"mae": 9.0, "rmse": 9.0}, "raw": {"mae": 5.0, "rmse": 5.0}}
+    doc = {
+        "tasks": {
+            "solubility": {"units": {"logS": "log10(mol/L)"}, "results": {"logS": row}},
+            "freesolv": {"units": {}, "skipped": "too few molecules"},
+            "neighbours": {
+                "rows": {
+                    "sorted (l2)": {"ecfp4_overlap": 0.25},
+                    "random": {"ecfp4_overlap": 0.01},
+                    "ECFP4 Tanimoto": {"ecfp4_overlap": None},
+                }
+            },
+        }
+    }
+    got = {f["name"]: f for f in figures("downstream", doc, "CMD")}
+    assert set(got) == {
+        *(f"downstream.solubility.logS.{f}.mae" for f in DOWNSTREAM_FIGURES),
+        "downstream.neighbours.sorted.ecfp4_overlap",
+    }
+    assert got["downstream.solubility.logS.ecfp4.mae"]["value"] == 2.0
+    assert "log10(mol/L)" in got["downstream.solubility.logS.sorted.mae"]["description"]
+    assert {f["command"] for f in got.values()} == {"CMD"}
