@@ -160,9 +160,9 @@ def _renumbered_chunk(
     for name in PROJECTIONS:
         eb = model.head.apply(name, zb, mb).values
         ev = model.head.apply(name, zv, mv).values
-        rel[name] = relative_change(np.repeat(eb, numberings, axis=0), ev)
-        # this molecule's largest change over its renumberings: which molecules break it
-        rel[name] = rel[name].reshape(len(smiles), numberings).max(axis=1)
+        # each molecule's largest change over its renumberings: which molecules break it
+        change = relative_change(np.repeat(eb, numberings, axis=0), ev)
+        rel[name] = change.reshape(len(smiles), numberings).max(axis=1)
         if name in KEPT:
             kept[name] = eb
     symmetric = sum(int(g.symmetry.max() > 0) for g in base_graphs)
