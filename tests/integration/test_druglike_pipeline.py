@@ -47,6 +47,9 @@ def test_the_export_takes_any_number_of_atoms(pilot: Path) -> None:
     assert spec["encoder"]["dynamic_atoms"] is True
     assert spec["domain"]["max_atoms"] == 64 and spec["group"]["order"] == 0
     assert spec["input"]["standardize"] == ["largest_fragment", "neutralize"]
+    head = json.loads((pilot / "projection.json").read_text())  # colours of as many rounds as
+    assert head["key"] == ["element", "degree", "hydrogens", "colour"]  # the encoder has layers
+    assert head["colour_rounds"] == spec["latent"]["config"]["enc_layers"] == 2
     onnx, torch = load_model(pilot), load_model(pilot, engine="torch")
     big = "C" * 40 + "(=O)N" + "C" * 21 + "O"  # 64 heavy atoms, MOSES has at most 27
     small = ["CCO", "c1ccc(P(=O)(O)O)cc1I", big]

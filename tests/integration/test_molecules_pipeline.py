@@ -71,6 +71,13 @@ def test_prepare_train_evaluate(tmp_path: Path) -> None:
     )
     assert one == two and one["molecules"] > 0
     evaluate.main(["reconstruction", "--data", str(tmp_path / "qm9"), "--model", str(out)])
+    one, two = (  # decoding in processes changes nothing
+        evaluate.reconstruction(
+            evaluate.load_molecule_model(out, threads=1), data.load(tmp_path / "qm9"), 30, 0, jobs
+        )
+        for jobs in (1, 2)
+    )
+    assert one == two and one["molecules"] == 30
     evaluate.main(
         ["regression", "--data", str(tmp_path / "qm9"), "--model", str(out), "--krr-rows", "200"]
     )

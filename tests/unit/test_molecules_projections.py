@@ -4,6 +4,7 @@ ties, lossless."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,3 +355,51 @@ def test_fill_padding_lets_the_atom_count_decide_the_nearest_molecule_and_marker
         e = head.apply("sorted", z, mask).values
         d = np.linalg.norm(e[1:] - e[0], axis=1)
         assert 1 + int(d.argmin()) == nearest_to_a, (head.padding, d)
+
+
+def test_colour_ranks_follow_the_atoms_and_rank_rows_lexicographically() -> None:
+    import dataclasses
+
+    from quotient_models.molecules.featurize import collate_graphs, colour_ranks, featurize
+    from quotient_models.molecules.testing import QM9_DOMAIN
+
+    domain = dataclasses.replace(QM9_DOMAIN, max_atoms=12)
+    # propane: the two CH3 are symmetric (slots 0 and 1), so the rows are CH2 < CH3/0 < CH3/1
+    propane = collate_graphs([featurize("CCC")], domain)
+    assert colour_ranks(propane["atoms"], propane["bonds"], 0)[0, :3].tolist() == [1, 0, 2]
+    graphs = [featurize(s) for s in ("OC(=O)C1CN1", "CC(C)(C)c1ccc(O)cc1", "N#CCC#N")]
+    rng = np.random.default_rng(0)
+    perms = [rng.permutation(g.n_atoms) for g in graphs]
+    a = collate_graphs(graphs + [g.permuted(p) for g, p in zip(graphs, perms, strict=True)], domain)
+    for rounds in (0, 1, 4):
+        c = colour_ranks(a["atoms"], a["bonds"], rounds)
+        for k, (g, p) in enumerate(zip(graphs, perms, strict=True)):
+            n = g.n_atoms
+            np.testing.assert_array_equal(c[3 + k, :n], c[k, p])  # renumbering permutes them
+            assert sorted(set(c[k, :n])) == list(range(c[k, :n].max() + 1))  # ranks 0..m-1
+            assert (c[k, n:] == -1).all()
+    # one round: an atom's colour now depends on its neighbours (C of C#N vs the CH2 next to it)
+    c0, c1 = (colour_ranks(a["atoms"], a["bonds"], r)[2, :4] for r in (0, 1))
+    assert len(set(c1)) >= len(set(c0))
+
+
+def test_the_colour_key_keeps_sorted_invariant_where_a_latent_near_tie_reordered_rows() -> None:
+    """druglike-vae 1.0.0 (type key, then latent) reordered two rows of these molecules in some
+    numberings (relative change 0.24 and 0.12); with the colour key before the latent the sorted
+    embedding of every numbering is the same up to float noise."""
+    import dataclasses
+
+    from quotient_models.molecules.evaluate import _renumbered_chunk
+    from quotient_models.molecules.featurize import TYPE_KEY
+    from quotient_models.molecules.model import load_molecule_model
+
+    models = Path(__file__).resolve().parents[2] / "model_store" / "models"
+    model = load_molecule_model(models / "druglike-vae", "onnx", threads=1)
+    assert "colour" in model.head.key and model.head.colour_rounds == 4
+    smiles = ["COc1ccc(Cl)cc1C(=O)Nc1ccc(N2CCCC2=O)cc1", "N#Cc1ncn(CC(=O)Nc2cc3c(cc2Cl)OCCCO3)n1"]
+    served = _renumbered_chunk(model, smiles, 20, [0, 1])[0]["sorted"]
+    assert served.max() < 1e-5, served
+    model.head = dataclasses.replace(model.head, key=TYPE_KEY, colour_rounds=0)
+    model.n_type = len(TYPE_KEY)
+    before = _renumbered_chunk(model, smiles, 20, [0, 1])[0]["sorted"]
+    assert (before > 0.1).all(), before  # the 1.0.0 order: these numberings reorder rows

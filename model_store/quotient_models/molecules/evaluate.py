@@ -44,6 +44,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -336,12 +337,29 @@ def _reason_kind(reason: str | None) -> str:
     return text.split(":")[0]
 
 
-def _decode_all(model: MoleculeModel, values: np.ndarray) -> list[DecodedMolecule]:
-    return [
-        d
-        for s in range(0, len(values), DECODE_CHUNK)
-        for d in model.decode(values[s : s + DECODE_CHUNK])
-    ]
+def _decode_all(
+    model: MoleculeModel, values: np.ndarray, pool: Executor | None = None
+) -> list[DecodedMolecule]:
+    """``model.decode`` in chunks of DECODE_CHUNK, in ``pool``'s processes when given
+    (``_worker_init``), in input order."""
+    from tqdm import tqdm
+
+    chunks = [values[s : s + DECODE_CHUNK] for s in range(0, len(values), DECODE_CHUNK)]
+    parts = pool.map(_worker_decode, chunks) if pool else (model.decode(c) for c in chunks)
+    out: list[DecodedMolecule] = []
+    with tqdm(total=len(values), desc="decode", mininterval=5, disable=len(chunks) < 8) as bar:
+        for part in parts:
+            out += part
+            bar.update(len(part))
+    return out
+
+
+def _worker_decode(values: np.ndarray) -> list[DecodedMolecule]:
+    return _WORKER["model"].decode(values)
+
+
+def _worker_decode_own(z: np.ndarray, mask: np.ndarray) -> list[DecodedMolecule]:
+    return _WORKER["model"].decode_latent(z, mask, canonical=False)
 
 
 def _misses(
@@ -386,8 +404,38 @@ def _split_summary(
     }
 
 
-def reconstruction(model: MoleculeModel, data: QM9, limit: int | None, seed: int) -> dict[str, Any]:
-    """Decoded as the service decodes (verified); ``limit`` molecules per split (default all)."""
+def reconstruction(
+    model: MoleculeModel,
+    data: QM9,
+    limit: int | None,
+    seed: int,
+    jobs: int = 1,
+    engine: str = "onnx",
+    split_limit: int | str | None = "limit",
+) -> dict[str, Any]:
+    """Decoded as the service decodes (verified); ``limit`` test molecules (default all) and
+    ``split_limit`` of each other split (None: all; default: ``limit``), seeded samples.
+    ``jobs`` > 1 decodes in that many processes, each loading the model (``engine``) with one
+    thread (decoding is deterministic: the figures do not depend on it)."""
+    others = limit if isinstance(split_limit, str) else split_limit  # "limit": the same
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(
+            jobs, initializer=_worker_init, initargs=(str(model.spec.directory), engine)
+        ) as pool:
+            return _reconstruction(model, data, limit, others, seed, pool)
+    return _reconstruction(model, data, limit, others, seed, None)
+
+
+def _reconstruction(
+    model: MoleculeModel,
+    data: QM9,
+    limit: int | None,
+    split_limit: int | None,
+    seed: int,
+    pool: Executor | None,
+) -> dict[str, Any]:
     atoms, bonds = dense_arrays(data, model.domain, pad_to_domain=not model.dynamic_atoms)
     rows = _rows(data, "test", limit, seed)
     z, mask = _embed_arrays(model, {"atoms": atoms[rows], "bonds": bonds[rows]})
@@ -400,7 +448,7 @@ def reconstruction(model: MoleculeModel, data: QM9, limit: int | None, seed: int
     decoded, values = {}, {}
     for name in ("sorted", "raw"):
         values[name] = model.head.apply(name, z, mask).values
-        decoded[name] = _decode_all(model, values[name])
+        decoded[name] = _decode_all(model, values[name], pool)
         hits = [d.smiles == t for d, t in zip(decoded[name], truth, strict=True)]
         out[f"exact_rate_{name}"] = float(np.mean(hits))
         out[f"invalid_rate_{name}"] = float(np.mean([d.smiles is None for d in decoded[name]]))
@@ -416,11 +464,11 @@ def reconstruction(model: MoleculeModel, data: QM9, limit: int | None, seed: int
     for split in SPLITS:
         if split in splits:
             continue
-        r = _rows(data, split, limit, seed)
+        r = _rows(data, split, split_limit, seed)
         zs, ms = _embed_arrays(model, {"atoms": atoms[r], "bonds": bonds[r]})
         v = model.head.apply("sorted", zs, ms).values
         t = [str(x) for x in data.arrays["smiles"][r]]
-        splits[split] = _split_summary(model, v, ms.sum(axis=1), t, _decode_all(model, v))
+        splits[split] = _split_summary(model, v, ms.sum(axis=1), t, _decode_all(model, v, pool))
     out["splits"] = {split: splits[split] for split in SPLITS if split in splits}
     symmetric = atoms[rows][..., 3].max(axis=1) > 0  # some atoms share a symmetry class
     hits_sorted = np.array([d.smiles == t for d, t in zip(decoded["sorted"], truth, strict=True)])
@@ -428,13 +476,18 @@ def reconstruction(model: MoleculeModel, data: QM9, limit: int | None, seed: int
     out["exact_rate_sorted_symmetric"] = float(hits_sorted[symmetric].mean())
     out["exact_rate_sorted_no_symmetric"] = float(hits_sorted[~symmetric].mean())
     # diagnostic: the raw rows decoded in their own order, without the canonical reordering
-    raw_own = [
-        d
-        for s in range(0, len(z), DECODE_CHUNK)
-        for d in model.decode_latent(
-            z[s : s + DECODE_CHUNK, :, model.n_type :], mask[s : s + DECODE_CHUNK], canonical=False
+    starts = range(0, len(z), DECODE_CHUNK)
+    rows_of = [z[s : s + DECODE_CHUNK, :, model.n_type :] for s in starts]
+    masks_of = [mask[s : s + DECODE_CHUNK] for s in starts]
+    own = (
+        pool.map(_worker_decode_own, rows_of, masks_of)
+        if pool
+        else (
+            model.decode_latent(r, m, canonical=False)
+            for r, m in zip(rows_of, masks_of, strict=True)
         )
-    ]
+    )
+    raw_own = [d for part in own for d in part]
     out["agreement_uncanonicalised"] = float(
         np.mean([a.smiles == b.smiles for a, b in zip(decoded["sorted"], raw_own, strict=True)])
     )
@@ -929,6 +982,20 @@ TRAIN_COMMAND = (
 
 def _f(x: float) -> str:
     return f"{x:.4f}" if abs(x) >= 1e-3 else f"{x:.2e}"
+
+
+def add_measure_arguments(parser: argparse.ArgumentParser, parallel: str) -> None:
+    """The options of the measurements both molecule cards share: --seed (of every sample),
+    --numberings and --coincide-rtol (invariance), --jobs (processes of ``parallel``)."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--numberings", type=int, default=5)
+    parser.add_argument("--coincide-rtol", type=float, default=1e-5)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help=f"{parallel}: processes (the figures do not change)",
+    )
 
 
 def invariance_failure_lines(m: dict[str, Any]) -> list[str]:
@@ -1570,12 +1637,7 @@ def main(argv: list[str] | None = None) -> None:
         "--krr-rows", type=int, default=12000, help="training molecules for kernel ridge"
     )
     p.add_argument("--regressors", default="hgb,krr", help="comma-separated: hgb, krr")
-    p.add_argument("--numberings", type=int, default=5)
-    p.add_argument("--coincide-rtol", type=float, default=1e-5)
-    p.add_argument(
-        "--jobs", type=int, default=2, help="invariance: processes (the figures do not change)"
-    )
-    p.add_argument("--seed", type=int, default=0)
+    add_measure_arguments(p, "invariance, reconstruction")
     p.add_argument("--no-write", action="store_true", help="print only; leave metrics.json alone")
     args = p.parse_args(argv)
     model = load_molecule_model(args.model, args.engine, threads=2)
@@ -1591,7 +1653,9 @@ def main(argv: list[str] | None = None) -> None:
             args.jobs,
             args.engine,
         ),
-        "reconstruction": lambda: reconstruction(model, data, args.limit, args.seed),
+        "reconstruction": lambda: reconstruction(
+            model, data, args.limit, args.seed, args.jobs, args.engine
+        ),
         "neighbours": lambda: neighbours(model, data, args.limit, args.seed),
         "regression": lambda: regression(
             model,

@@ -40,16 +40,20 @@ from quotient_models.notes import InputNote
 
 __all__ = [
     "BOND_NAMES",
+    "COLOUR_KEY",
+    "SORT_KEYS",
     "TYPE_KEY",
     "DecodedMolecule",
     "MolGraph",
     "MoleculeDomain",
     "canonical_smiles",
     "collate_graphs",
+    "colour_ranks",
     "decode_graph",
     "featurize",
     "featurize_noted",
     "is_molblock_text",
+    "key_coordinates",
     "mol_to_graph",
     "parse_molblock",
     "parse_smiles",
@@ -455,25 +459,94 @@ def encode_atoms(graph: MolGraph, domain: MoleculeDomain) -> np.ndarray:
 
 
 TYPE_KEY = ("element", "degree", "hydrogens")
+# The sort-key column of an atom's message-passing colour (``colour_ranks``), after TYPE_KEY.
+COLOUR_KEY = "colour"
+SORT_KEYS = (*TYPE_KEY, COLOUR_KEY)
+
+
+def _ranks_within(sig: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Each real row's rank among the distinct rows of its molecule, in lexicographic order of
+    the rows [B, N, K] (-1 where not real): it depends on the molecule's set of rows only."""
+    b, n, _ = sig.shape
+    mol, atom = np.nonzero(real)
+    rows = np.concatenate([mol[:, None], sig[mol, atom]], axis=1)
+    order = np.lexsort(rows.T[::-1])
+    new = np.ones(len(order), dtype=np.int64)
+    if len(order):
+        new[1:] = (rows[order][1:] != rows[order][:-1]).any(axis=1)
+    ids = np.empty(len(order), dtype=np.int64)
+    ids[order] = np.cumsum(new) - 1  # global id, molecules in order
+    first = np.full(b, np.iinfo(np.int64).max)
+    np.minimum.at(first, mol, ids)
+    out = np.full((b, n), -1, dtype=np.int64)
+    out[mol, atom] = ids - first[mol]
+    return out
+
+
+def colour_ranks(atoms: np.ndarray, bonds: np.ndarray, rounds: int) -> np.ndarray:
+    """Each atom's colour after ``rounds`` rounds of Weisfeiler-Leman refinement [B, N] (-1 in
+    padding rows), from the dense batch (``collate_graphs``). The first colour is the atom's input
+    row (element, charge, hydrogens, symmetry slot); a round replaces it by the pair (colour,
+    multiset of (bond code, neighbour's colour)). Colours are numbered by their rank among the
+    molecule's distinct colours, so they depend on the molecule, not on its numbering.
+
+    A message-passing encoder of L <= ``rounds`` layers over the same atom and bond features
+    (qm9_vae_v1: sums over bonded neighbours and a mean over the molecule) computes the same
+    latent for two atoms of one colour, up to float noise: the colour is a discrete sort key
+    under which only atoms with equal latents still tie."""
+    atoms = np.asarray(atoms, dtype=np.int64)
+    bonds = np.asarray(bonds, dtype=np.int64)
+    real = atoms[..., 0] >= 0
+    n = atoms.shape[1]
+    colour = _ranks_within(atoms[..., :4], real)
+    linked = bonds > 0
+    width = max(int(linked.sum(axis=-1).max(initial=0)), 1)
+    for _ in range(rounds):
+        # neighbour (bond code, colour) as one number, largest first, -1 where no bond
+        codes = np.where(linked, bonds * n + colour[:, None, :], -1)
+        codes = -np.sort(-codes, axis=-1)[..., :width]
+        colour = _ranks_within(np.concatenate([colour[..., None], codes], axis=-1), real)
+    return colour
+
+
+def key_coordinates(
+    key: Sequence[str],
+    atoms: np.ndarray,
+    bonds: np.ndarray,
+    domain: MoleculeDomain,
+    colour_rounds: int = 0,
+) -> np.ndarray:
+    """The sort-key columns ``key`` (names of SORT_KEYS) of every atom as coordinates [B, N, k]
+    in (-1, 1), from the dense batch (``collate_graphs``); 0 in padding rows. A value c of K
+    possible ones is written (2c + 1) / K - 1: element index (K: the domain's elements), heavy-atom
+    degree (K: max_atoms), hydrogen count (K: max_hydrogens + 1), ``colour_ranks`` after
+    ``colour_rounds`` rounds (K: max_atoms). Each depends on the atom and the molecule, not on the
+    numbering, so renumbering permutes them with the atoms. Put before every latent row as the
+    sort key of the sorted projection, they make it order atoms by them first (discrete: float
+    noise cannot reorder them) and by the learned coordinates only where they tie; no projection
+    outputs them."""
+    real = atoms[..., 0] >= 0
+    columns = []
+    for name in key:
+        if name == "element":
+            c, k = atoms[..., 0], len(domain.elements)
+        elif name == "degree":
+            c, k = (bonds > 0).sum(axis=-1), domain.max_atoms
+        elif name == "hydrogens":
+            c, k = atoms[..., 2], domain.max_hydrogens + 1
+        elif name == COLOUR_KEY:
+            c, k = colour_ranks(atoms, bonds, colour_rounds), domain.max_atoms
+        else:
+            raise ValueError(f"unknown sort key {name!r}; known: {', '.join(SORT_KEYS)}")
+        columns.append((2.0 * c + 1.0) / k - 1.0)
+    out = np.stack(columns, axis=-1) if columns else np.zeros((*real.shape, 0))
+    return np.where(real[..., None], out, 0.0).astype(np.float32)
 
 
 def type_coordinates(atoms: np.ndarray, bonds: np.ndarray, domain: MoleculeDomain) -> np.ndarray:
-    """Each atom's type as coordinates [B, N, 3] in (-1, 1), from the dense batch
-    (``collate_graphs``): element index, heavy-atom degree and hydrogen count, a value c of K
-    possible ones written (2c + 1) / K - 1 (K: the domain's elements, its max_atoms, its
-    max_hydrogens + 1); 0 in padding rows. Local to the atom, so renumbering permutes them with the
-    atoms. Put before every latent row as the sort key of the sorted projection, they make it order
-    atoms by type first (discrete, so float noise cannot reorder them) and by the learned
-    coordinates within a type; no projection outputs them."""
-    real = atoms[..., 0] >= 0
-    degree = (bonds > 0).sum(axis=-1)
-    codes = [
-        (atoms[..., 0], len(domain.elements)),
-        (degree, domain.max_atoms),
-        (atoms[..., 2], domain.max_hydrogens + 1),
-    ]
-    out = np.stack([(2.0 * c + 1.0) / k - 1.0 for c, k in codes], axis=-1)
-    return np.where(real[..., None], out, 0.0).astype(np.float32)
+    """Each atom's type (TYPE_KEY: element, heavy-atom degree, hydrogens) as coordinates
+    [B, N, 3] (``key_coordinates``)."""
+    return key_coordinates(TYPE_KEY, atoms, bonds, domain)
 
 
 def collate_graphs(graphs: Sequence[MolGraph], domain: MoleculeDomain) -> dict[str, np.ndarray]:

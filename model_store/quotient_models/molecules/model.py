@@ -35,7 +35,7 @@ from quotient_models.molecules.featurize import (
     encode_atoms,
     featurize,
     featurize_noted,
-    type_coordinates,
+    key_coordinates,
 )
 from quotient_models.molecules.projections import SortedProjectionHead, orbit_distance
 from quotient_models.molecules.standardize import Standardization
@@ -78,7 +78,7 @@ class MoleculeModel(EmbeddingModel):
             self.policy = Standardization.from_json(spec.raw.get("input", {}).get("standardize"))
         except ValueError as exc:
             raise ValueError(f"model {spec.name!r}: {exc}") from None
-        # sort-key coordinates put before every latent row (featurize.type_coordinates): the
+        # sort-key coordinates put before every latent row (featurize.key_coordinates): the
         # sorted projection orders rows by them first; no projection outputs them
         self.n_type = len(head.key)
         # networks exported with a dynamic atom axis take a batch padded to its largest molecule
@@ -150,7 +150,10 @@ class MoleculeModel(EmbeddingModel):
         atoms, bonds = arrays["atoms"].astype(np.int64), arrays["bonds"].astype(np.int64)
         z = self.encoder(atoms, bonds)[0]
         if self.n_type:
-            z = np.concatenate([type_coordinates(atoms, bonds, self.domain), z], axis=-1)
+            keys = key_coordinates(
+                self.head.key, atoms, bonds, self.domain, self.head.colour_rounds
+            )
+            z = np.concatenate([keys, z], axis=-1)
         mask = atoms[..., 0] >= 0
         short = self.domain.max_atoms - z.shape[1]
         if short > 0:  # a batch padded to its largest molecule: the head takes max_atoms rows

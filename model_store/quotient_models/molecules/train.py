@@ -32,7 +32,7 @@ from quotient_models.molecules.arch_qm9_vae_v1 import (
     VAEConfig,
 )
 from quotient_models.molecules.data import QM9, load
-from quotient_models.molecules.featurize import TYPE_KEY, MoleculeDomain
+from quotient_models.molecules.featurize import SORT_KEYS, TYPE_KEY, MoleculeDomain
 from quotient_models.molecules.projections import SortedProjectionHead
 
 __all__ = ["dense_arrays", "export", "main", "to_pyg", "train"]
@@ -315,10 +315,16 @@ def export(
                 for k in ("latent", "mask", "element", "charge", "hydrogens", "bonds")
             },
         )
-    keys = TYPE_KEY if type_key else ()
+    # drug-like models (1.1): atom type, then the atom's colour after as many refinement rounds
+    # as the encoder has layers (featurize.colour_ranks), then latent; qm9-vae: type, then latent
+    keys = (TYPE_KEY if dataset == "QM9" else SORT_KEYS) if type_key else ()
     n = domain.max_atoms
     head = SortedProjectionHead(
-        max_atoms=n, dim=cfg.latent_dim, latent_bound=cfg.latent_bound, key=keys
+        max_atoms=n,
+        dim=cfg.latent_dim,
+        latent_bound=cfg.latent_bound,
+        key=keys,
+        colour_rounds=cfg.enc_layers if "colour" in keys else 0,
     )
     head.save(out / "projection.json")
     name = out.name
@@ -326,11 +332,17 @@ def export(
     spec = {
         "name": name,
         # qm9-vae 1.1: the fixed 6-epoch plan (1.0 fitted epochs to a budget); 1.2: type
-        # coordinates; 1.3: padding rows (pad_value, 0, ..., 0) instead of all 2.0
-        "version": "1.3.0" if dataset == "QM9" else "1.0.0",
+        # coordinates; 1.3: padding rows (pad_value, 0, ..., 0) instead of all 2.0.
+        # druglike-vae 1.1: the colour sort key (same networks as 1.0)
+        "version": "1.3.0" if dataset == "QM9" else "1.1.0",
         "description": f"Permutation-invariant {what} embeddings: graph VAE, "
         f"{cfg.latent_dim} latent dimensions per heavy atom, sorted-row projection "
-        + ("(rows ordered by atom type, then latent) " if keys else "")
+        + (
+            f"(rows ordered by atom type, {'then colour, ' if 'colour' in keys else ''}"
+            "then latent) "
+            if keys
+            else ""
+        )
         + "that decodes back to SMILES.",
         "modality": "molecule",
         "architecture": ARCHITECTURE,
