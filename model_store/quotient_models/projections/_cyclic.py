@@ -40,7 +40,9 @@ def align(z: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     """Roll every latent of z [B, C, N] to the shift that best matches reference [C, N].
 
     Returns the aligned latents [B, C, N] (each on its input's orbit) and the chosen shifts [B].
-    Exact ties (a latent that is itself shift-symmetric) give the same output whichever wins.
+    Exact ties (a latent that is itself shift-symmetric) give the same output whichever wins,
+    but not the same shift: float noise decides it, so the pose of a symmetric input is one of
+    its equally good poses, not a fixed one.
     """
     scores = _shift_scores(z, reference[None])[:, :, 0]
     shifts = scores.argmax(axis=1)
