@@ -13,7 +13,7 @@ MODELS := $(patsubst model_store/models/%/model.json,%,$(wildcard model_store/mo
 ARCHIVES := $(patsubst %,model_store/archives/%.mar,$(MODELS))
 PYTEST_ARGS ?=
 
-.PHONY: help bench bench-search bench-hnsw docs fuzz serve test test-unit test-integration test-e2e data-images train-images eval-images \
+.PHONY: help bench bench-serving bench-search bench-hnsw docs fuzz serve test test-unit test-integration test-e2e data-images train-images eval-images \
         data-molecules train-molecules eval-molecules data-druglike train-druglike eval-druglike install-druglike archives install install-train \
         install-molecules install-test install-torch install-torchserve install-gpu lint clean \
         wheelhouse base-image image
@@ -203,7 +203,10 @@ test-e2e: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## only tests/e2e
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 # ---------------------------------------------------------------- benchmarks (not tests: figures, not pass/fail)
-bench: bench-search ## run every benchmark (bench/); results in bench/results/
+bench: bench-serving bench-search ## run every benchmark (bench/); results in bench/results/
+
+bench-serving: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz ## serving: the service against its raw model in-process, both models, 3 request shapes (about 3 min)
+	$(PY) bench/serving.py --out bench/results/serving.json
 
 bench-search: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz ## search: recall@10, latency, indexing rate, invariance, per store
 	$(PY) bench/search.py --out bench/results/search.json

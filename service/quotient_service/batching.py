@@ -3,9 +3,12 @@
 A request's prepared items enter the queue of its (model, projection) as separate entries, so a
 large request may span several batches; each entry remembers its request and its index in it, and
 the request's future resolves once every row is back, in request order. A worker waits until it
-has a free slot (``model_workers`` batches in flight per queue), then until the queue holds a full
-batch (``max_batch_items`` or the ``max_batch_cost`` budget, cost from ``model.item_cost``) or the
-oldest entry has waited ``max_batch_delay_ms``. Overload is refused at the door
+has a free slot (``model_workers`` batches in flight per queue). When no batch of the queue is
+running it takes what is queued at once (up to ``max_batch_items`` or the ``max_batch_cost``
+budget, cost from ``model.item_cost``): an idle model does not wait for company, and under load
+the next batch fills while the current one runs, as continuous batchers do. A further batch while
+others run (``model_workers`` > 1) waits for a full batch or until the oldest entry has waited
+``max_batch_delay_ms``. Overload is refused at the door
 (``ResourceExhausted``); stale and cancelled requests leave the queue before they cost a batch; a
 failed batch fails only its own requests and never the worker.
 """
@@ -23,7 +26,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from quotient_models import serving
 from quotient_models.runtime import EmbeddingModel
 from quotient_service.admission import Throughput
 from quotient_service.backends.base import Backend
@@ -242,8 +244,11 @@ class Batcher:
             while not queue.entries:
                 queue.wake.clear()
                 await queue.wake.wait()
+            # an idle model runs what is queued at once: waiting for company only adds latency,
+            # and under load the batch fills while the previous one runs (continuous batching);
+            # the delay applies to a further batch while others of this queue are running
             close_at = queue.entries[0].request.enqueued + delay
-            while queue.entries and not self._full(queue):
+            while queue.running and queue.entries and not self._full(queue):
                 queue.wake.clear()
                 try:
                     await asyncio.wait_for(queue.wake.wait(), close_at - time.monotonic())
@@ -273,8 +278,7 @@ class Batcher:
             self.metrics.queue_wait.labels(name).observe(wait)
         try:
             arrays = queue.model.collate([e.item for e in batch])
-            answer = await self.backend.run(name, serving.encode_batch(arrays, queue.projection))
-            out = serving.decode_output(answer)
+            out = await self.backend.embed(name, arrays, queue.projection)
             if len(out.values) != len(batch):
                 raise Unavailable(f"backend returned {len(out.values)} rows for {len(batch)} items")
         except asyncio.CancelledError:  # stop(): nobody will answer these requests now

@@ -119,8 +119,8 @@ class Settings:
     )
     max_batch_delay_ms: float = _f(
         5.0,
-        "how long the first item waits for others to fill a "
-        "batch; higher batches better under load, adds latency",
+        "with model_workers > 1, how long the first item of a further batch waits for "
+        "others to fill it while batches run; an idle model runs at once",
     )
     max_queue_items: int = _f(
         1024,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
+
+from quotient_models import serving
+from quotient_models.projections import ProjectionOutput
 from quotient_models.runtime import EmbeddingModel
 from quotient_models.spec import ModelSpec, discover_models
 from quotient_service.config import Settings, resolve_repo_path
@@ -45,7 +49,9 @@ class Backend(ABC):
        ``load_model(dir, engine=None)``: no encoder, only the input side);
     4. ``await run(model_name, payload)``: one batch, concurrently with others. ``payload`` and the
        answer are ``quotient_models.serving`` bytes (``encode_batch`` → ``handle_payload``);
-       raise ``errors.Unavailable`` when the backend cannot answer;
+       raise ``errors.Unavailable`` when the backend cannot answer. ``await embed(model_name,
+       arrays, projection)`` is the embedding batch the batcher sends: by default ``run`` on its
+       bytes; a backend in this process computes it without serialising;
     5. ``await ready()``: whether batches can run now (health checks);
     6. ``await stop()``: release everything; idempotent, safe after a failed ``start``.
     """
@@ -66,6 +72,13 @@ class Backend(ABC):
 
     @abstractmethod
     async def run(self, model_name: str, payload: bytes) -> bytes: ...
+
+    async def embed(
+        self, model_name: str, arrays: dict[str, np.ndarray], projection: str
+    ) -> ProjectionOutput:
+        """One embedding batch of collated ``arrays``: ``run`` on its serving bytes."""
+        answer = await self.run(model_name, serving.encode_batch(arrays, projection))
+        return serving.decode_output(answer)
 
     @abstractmethod
     async def ready(self) -> bool: ...

@@ -11,8 +11,11 @@ import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from quotient_models import serving
 from quotient_models.errors import require
+from quotient_models.projections import ProjectionOutput
 from quotient_models.runtime import (
     ORT_HINT,
     TORCH_HINT,
@@ -85,16 +88,30 @@ class EmbeddedBackend(Backend):
     def models(self) -> dict[str, EmbeddingModel]:
         return dict(self._models)
 
-    async def run(self, model_name: str, payload: bytes) -> bytes:
+    def _model(self, model_name: str) -> EmbeddingModel:
         if not self._ready:
             raise Unavailable("the embedded backend is not running")
         if model_name not in self._models:
             raise NotFound(f"model {model_name!r} is not loaded", metadata={"model": model_name})
-        loop = asyncio.get_running_loop()
-        model = self._models[model_name]
-        return await loop.run_in_executor(
+        return self._models[model_name]
+
+    async def run(self, model_name: str, payload: bytes) -> bytes:
+        model = self._model(model_name)
+        return await asyncio.get_running_loop().run_in_executor(
             self._pools[model_name], serving.handle_payload, model, payload
         )
+
+    async def embed(
+        self, model_name: str, arrays: dict[str, np.ndarray], projection: str
+    ) -> ProjectionOutput:
+        """The model's ``embed_batch`` on the arrays themselves, in the model's pool: what
+        ``handle_payload`` computes, without writing and reading the arrays as ``.npz``."""
+        model = self._model(model_name)
+        out = await asyncio.get_running_loop().run_in_executor(
+            self._pools[model_name], model.embed_batch, arrays, projection or None
+        )
+        poses = None if out.poses is None else np.asarray(out.poses, dtype=np.float64)
+        return ProjectionOutput(np.asarray(out.values, dtype=np.float32), poses)
 
     async def ready(self) -> bool:
         return self._ready

@@ -1,0 +1,388 @@
+"""Serving benchmark: the service against the model it serves, side by side, in one run.
+
+    make bench-serving    # or: .venv/bin/python bench/serving.py --out bench/results/serving.json
+
+For each model (rotmnist-c8 on MNIST test digits as PNG files, qm9-vae on QM9 test SMILES):
+
+1. **raw**: the model in-process, as a program that needs no service would run it
+   (``load_model(dir, "onnx")``; ``prepare_noted`` + ``collate`` + ``embed_batch``): throughput
+   at batches of 64 (the limit the service is measured against) and single-item latency;
+2. **service** (``quotient-server`` as ``make serve`` starts it, embedded backend, on loopback),
+   called over gRPC by a load generator in another process:
+   - ``single``: 1 item per request, ``--concurrency`` (32) requests in flight;
+   - ``large``: 64 items per request, 4 in flight;
+   - ``idle``: 1 item per request, one at a time (latency at idle).
+
+Every configuration runs ``--warmup`` seconds, then counts the items answered within the next
+``--duration`` seconds. The load generator sends pre-serialised requests (the bytes of an
+``EmbedRequest``; it never builds or parses a message in the timed loop, except one answer in
+``--check-every`` whose row count it checks) and reports its own CPU time, so a reader can see
+whether it was the bottleneck: client and service share this machine's cores. The service's own
+CPU time and its resident memory (peak over the run, sampled) are reported too.
+
+Prints a table (items/s, service ÷ raw, p50/p99) and writes everything to ``--out`` (JSON),
+with the machine it ran on. Figures, not pass/fail: the targets are issue 12's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # free_port, as the tests pick ports
+
+MODELS = ("rotmnist-c8", "qm9-vae")
+EMBED = "/quotient.v1.EmbeddingService/Embed"
+MAX_MESSAGE = 64 << 20
+RAW_BATCH = 64
+SHAPES = {  # name: (items per request, requests in flight)
+    "single": (1, 32),
+    "large": (64, 4),
+    "idle": (1, 1),
+}
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def percentiles(seconds: list[float] | np.ndarray) -> dict[str, float]:
+    ms = np.asarray(seconds, dtype=np.float64) * 1000
+    if ms.size == 0:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan")}
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+# ---------------------------------------------------------------------- inputs
+def client_inputs(model: str, limit: int) -> list[bytes]:
+    """What a client sends for ``model``: PNG files of MNIST test digits, or QM9 test SMILES."""
+    if model == "rotmnist-c8":
+        from io import BytesIO
+
+        from PIL import Image
+
+        from quotient_models.images.data import load_mnist
+
+        images = load_mnist(ROOT / "data" / "mnist")["test"][0][:limit]
+        out = []
+        for image in images:
+            buffer = BytesIO()
+            Image.fromarray(np.rint(image * 255).astype(np.uint8)).save(buffer, "PNG")
+            out.append(buffer.getvalue())
+        return out
+    from quotient_models.molecules.data import load
+
+    qm9 = load(ROOT / "data" / "qm9")
+    return [str(s).encode() for s in qm9.arrays["smiles"][qm9.rows("test")[:limit]]]
+
+
+def requests(model: str, inputs: list[bytes], per_request: int, count: int) -> list[bytes]:
+    """``count`` serialised EmbedRequests of ``per_request`` items each, cycling over inputs."""
+    from quotient_client.proto import embedding_service_pb2 as pb
+
+    def item(data: bytes) -> Any:
+        if model == "rotmnist-c8":
+            return pb.Input(image=pb.Image(data=data))
+        return pb.Input(molecule=pb.Molecule(smiles=data.decode()))
+
+    out, at = [], 0
+    for _ in range(count):
+        chosen = [inputs[(at + j) % len(inputs)] for j in range(per_request)]
+        at = (at + per_request) % len(inputs)
+        out.append(
+            pb.EmbedRequest(model=model, inputs=[item(d) for d in chosen]).SerializeToString()
+        )
+    return out
+
+
+# ---------------------------------------------------------------------- raw model
+def raw_model(model: str, inputs: list[bytes], warmup: float, duration: float) -> dict:
+    """The model in this process: throughput at batches of RAW_BATCH, single-item latency."""
+    from quotient_models.runtime import InputLimits, PrepareOptions, load_model
+
+    loaded = load_model(ROOT / "model_store" / "models" / model, "onnx")
+    limits, options = InputLimits(), PrepareOptions()
+
+    def embed(items: list[bytes]) -> int:
+        prepared = [loaded.prepare_noted(data, limits, options)[0] for data in items]
+        out = loaded.embed_batch(loaded.collate(prepared), None)
+        return len(out.values)
+
+    def timed(batch: int, seconds: float) -> tuple[int, list[float]]:
+        done, at, latencies = 0, 0, []
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            items = [inputs[(at + j) % len(inputs)] for j in range(batch)]
+            at = (at + batch) % len(inputs)
+            start = time.perf_counter()
+            done += embed(items)
+            latencies.append(time.perf_counter() - start)
+        return done, latencies
+
+    timed(RAW_BATCH, warmup)
+    start = time.perf_counter()
+    done, _ = timed(RAW_BATCH, duration)
+    throughput = done / (time.perf_counter() - start)
+    timed(1, min(warmup, 1.0))
+    _, latencies = timed(1, duration)
+    return {
+        "batch": RAW_BATCH,
+        "items_per_s": throughput,
+        "idle": {"requests": len(latencies), **percentiles(latencies)},
+    }
+
+
+# ---------------------------------------------------------------------- load generator
+def load(target: str, payloads: list[bytes], per_request: int, concurrency: int,
+         warmup: float, duration: float, check_every: int) -> dict:  # fmt: skip
+    """Runs in its own process: ``concurrency`` callers send ``payloads`` in turn for ``warmup``
+    + ``duration`` seconds; counts what completed in the second window."""
+    return asyncio.run(
+        _load(target, payloads, per_request, concurrency, warmup, duration, check_every)
+    )
+
+
+async def _load(target: str, payloads: list[bytes], per_request: int, concurrency: int,
+                warmup: float, duration: float, check_every: int) -> dict:  # fmt: skip
+    import grpc
+
+    from quotient_client.proto import embedding_service_pb2 as pb
+
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        call = channel.unary_unary(EMBED)  # bytes in, bytes out: no (de)serialising here
+        begin = time.perf_counter()
+        window = (begin + warmup, begin + warmup + duration)
+        latencies: list[float] = []
+        counted = [0, 0]  # items answered in the window, answers checked
+        errors: list[str] = []
+        sent = 0
+
+        async def caller(offset: int) -> None:
+            nonlocal sent
+            at = offset
+            while time.perf_counter() < window[1] and not errors:
+                payload = payloads[at % len(payloads)]
+                at += concurrency
+                start = time.perf_counter()
+                try:
+                    answer = await call(payload, timeout=60)
+                except grpc.RpcError as exc:
+                    errors.append(f"{exc.code().name}: {exc.details()}")
+                    return
+                end = time.perf_counter()
+                sent += 1
+                if sent % check_every == 0:
+                    rows = len(pb.EmbedResponse.FromString(answer).embeddings)
+                    counted[1] += 1
+                    if rows != per_request:
+                        errors.append(f"answer of {rows} rows for {per_request} items")
+                if window[0] <= start and end <= window[1]:
+                    latencies.append(end - start)
+                if window[0] <= end <= window[1]:
+                    counted[0] += per_request
+
+        cpu = time.process_time()
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+        cpu = time.process_time() - cpu
+        wall = time.perf_counter() - begin
+    return {
+        "items_per_request": per_request,
+        "concurrency": concurrency,
+        "items_per_s": counted[0] / duration,
+        "requests": len(latencies),
+        "answers_checked": counted[1],
+        "errors": errors,
+        "loadgen_cpu_share": cpu / wall,  # of one core, over warm-up and window
+        **percentiles(latencies),
+    }
+
+
+# ---------------------------------------------------------------------- service
+class Sampler:
+    """Samples a process's resident memory every 50 ms in a thread; ``peak`` in bytes."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(Exception):
+                self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def cpu(self) -> float:
+        times = self.process.cpu_times()
+        return times.user + times.system
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def quotient_server(workdir: Path, *extra: str) -> Iterator[tuple[str, int]]:
+    """``quotient-server`` as ``make serve`` runs it, on a free loopback port: (target, pid)."""
+    from conftest import free_port
+
+    from quotient_client import Client
+
+    port, health = free_port(), free_port()
+    log = (workdir / "server.log").open("w")
+    server = str(Path(sys.executable).parent / "quotient-server")
+    args = ["--host", "127.0.0.1", "--port", str(port), "--health-port", str(health)]
+    proc = subprocess.Popen(
+        [server, *args, "--metrics-port", "0", *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "QUOTIENT_HOST": "127.0.0.1"},
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        with Client(target) as client:
+            client.wait_for_serving(180)
+        yield target, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def measure_service(
+    pool: ProcessPoolExecutor,
+    target: str,
+    pid: int,
+    model: str,
+    inputs: list[bytes],
+    args: argparse.Namespace,
+) -> dict:
+    out = {}
+    for shape, (per_request, concurrency) in SHAPES.items():
+        if shape == "single":
+            concurrency = args.concurrency
+        payloads = requests(model, inputs, per_request, max(1, len(inputs) // per_request))
+        sampler = Sampler(pid)
+        cpu = sampler.cpu()
+        started = time.perf_counter()
+        result = pool.submit(
+            load,
+            target,
+            payloads,
+            per_request,
+            concurrency,
+            args.warmup,
+            args.duration,
+            1 if shape == "idle" else args.check_every,
+        ).result()
+        result["service_cpu_share"] = (sampler.cpu() - cpu) / (time.perf_counter() - started)
+        sampler.stop()
+        result["service_peak_rss_mb"] = sampler.peak / 2**20
+        if result["errors"]:
+            raise SystemExit(f"{model} {shape}: {result['errors'][0]}")
+        _log(
+            f"{model} {shape}: {result['items_per_s']:.0f} items/s, p50 {result['p50_ms']:.2f} ms"
+            f" (load generator {result['loadgen_cpu_share']:.0%} of a core, service "
+            f"{result['service_cpu_share']:.0%})"
+        )
+        out[shape] = result
+    return out
+
+
+# ---------------------------------------------------------------------- report
+def table(results: dict) -> str:
+    rows = [
+        "| model | raw items/s (batch 64) | service 1 item × 32 | service 64 items × 4 |"
+        " idle p50 / p99, service vs raw (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for model, r in results["models"].items():
+        raw, svc = r["raw"], r["embedded"]
+        cells = [f"{raw['items_per_s']:,.0f}"]
+        for shape in ("single", "large"):
+            cells.append(f"{svc[shape]['items_per_s']:,.0f} ({svc[shape]['ratio_to_raw']:.2f}×)")
+        idle = svc["idle"]
+        cells.append(
+            f"{idle['p50_ms']:.2f} / {idle['p99_ms']:.2f} vs "
+            f"{raw['idle']['p50_ms']:.2f} / {raw['idle']['p99_ms']:.2f}"
+        )
+        rows.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--inputs", type=int, default=2048, help="distinct inputs per model")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before counting")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds counted")
+    parser.add_argument("--concurrency", type=int, default=32, help="in flight, shape single")
+    parser.add_argument("--check-every", type=int, default=16, help="answers parsed and checked")
+    args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+
+    spawn = get_context("spawn")
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "models": {},
+    }
+    inputs = {model: client_inputs(model, args.inputs) for model in models}
+    for model in models:
+        _log(f"{model}: raw model in-process")
+        with ProcessPoolExecutor(1, mp_context=spawn) as alone:  # a process of its own
+            raw = alone.submit(raw_model, model, inputs[model], args.warmup, args.duration).result()
+        _log(f"{model} raw: {raw['items_per_s']:.0f} items/s, p50 {raw['idle']['p50_ms']:.2f} ms")
+        results["models"][model] = {"raw": raw}
+    with (
+        ProcessPoolExecutor(1, mp_context=spawn) as pool,
+        tempfile.TemporaryDirectory() as tmp,
+        quotient_server(Path(tmp)) as (target, pid),
+    ):
+        for model in models:
+            svc = measure_service(pool, target, pid, model, inputs[model], args)
+            raw_rate = results["models"][model]["raw"]["items_per_s"]
+            for shape in ("single", "large"):
+                svc[shape]["ratio_to_raw"] = svc[shape]["items_per_s"] / raw_rate
+            results["models"][model]["embedded"] = svc
+    print(table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    _log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

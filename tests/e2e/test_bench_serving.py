@@ -1,0 +1,50 @@
+"""`make bench-serving` runs end to end: bench/serving.py starts the service, drives every request
+shape through its load generator (which parses answers and checks their row counts) and writes
+its JSON. A short run on one model: this checks that the benchmark works, not what it measures
+(figures are not asserted; speed targets are the benchmark's, never a test's)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_serving_benchmark_runs_and_writes_every_shape(tmp_path: Path) -> None:
+    out = tmp_path / "serving.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "serving.py"),
+            "--out",
+            str(out),
+            "--models",
+            "rotmnist-c8",
+            "--inputs",
+            "64",
+            "--warmup",
+            "0.5",
+            "--duration",
+            "1",
+            "--check-every",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    model = result["models"]["rotmnist-c8"]
+    assert model["raw"]["items_per_s"] > 0 and model["raw"]["idle"]["requests"] > 0
+    for shape, per_request in (("single", 1), ("large", 64), ("idle", 1)):
+        measured = model["embedded"][shape]
+        assert measured["errors"] == []
+        assert measured["items_per_request"] == per_request
+        assert measured["answers_checked"] > 0  # every answer parsed: rows == items sent
+        assert measured["items_per_s"] > 0
+        assert measured["service_peak_rss_mb"] > 0
+    assert "| rotmnist-c8 |" in run.stdout  # the table
