@@ -403,3 +403,26 @@ def test_the_colour_key_keeps_sorted_invariant_where_a_latent_near_tie_reordered
     model.n_type = len(TYPE_KEY)
     before = _renumbered_chunk(model, smiles, 20, [0, 1])[0]["sorted"]
     assert (before > 0.1).all(), before  # the 1.0.0 order: these numberings reorder rows
+
+
+def test_molecules_colour_refinement_does_not_separate_share_one_embedding() -> None:
+    """The limit of an injective projection on a message-passing encoder: it separates no more
+    molecules than colour refinement (1-WL) does. Two N-substituted pyrrolidines joined by a C-C
+    bond and the fused bicycle of two six-membered rings on the same atoms (bicyclopentyl and
+    decalin, the textbook pair) get one ``sorted`` embedding up to float noise, so Decode may
+    answer either. These are the two MOSES test molecules druglike-vae 1.1.0 decodes as the
+    other one (its card: "another molecule's SMILES returned for 2")."""
+    from quotient_models.molecules.model import load_molecule_model
+
+    models = Path(__file__).resolve().parents[2] / "model_store" / "models"
+    model = load_molecule_model(models / "druglike-vae", "onnx", threads=1)
+    for joined, fused in [
+        ("CCC(=O)N1CCCC1C1CCCN1c1nc2ccccc2o1", "CCC(=O)N1CCCC2C1CCCN2c1nc2ccccc2o1"),
+        ("CCC(=O)N1CCCC1C1CCCN1c1ncnc2c1cnn2C", "CCC(=O)N1CCCC2C1CCCN2c1ncnc2c1cnn2C"),
+    ]:
+        graphs = [model.graph(s) for s in (joined, fused)]
+        assert graphs[0].smiles != graphs[1].smiles  # two molecules
+        values = model.embed_batch(model.collate([model.item(g) for g in graphs]), "sorted").values
+        assert np.linalg.norm(values[0] - values[1]) < 1e-5 * np.linalg.norm(values[0])
+        decoded = model.decode(values[:1])[0]
+        assert decoded.smiles in {graphs[0].smiles, graphs[1].smiles}, decoded.reason

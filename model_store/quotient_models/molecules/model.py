@@ -261,7 +261,9 @@ class MoleculeModel(EmbeddingModel):
         embedding of the decoded molecule it is the distance between the two embeddings, float
         noise aside). Beyond ``decode_tolerance`` the SMILES is withheld and the reason gives the
         distance (``allow_inexact``: returned anyway, for embeddings no molecule made, such as
-        interpolations). The sorted projection is injective, so a verified decode is exact."""
+        interpolations). The sorted projection loses nothing the encoder sees, so a verified
+        decode is the molecule or one the encoder cannot tell from it (one that colour refinement
+        does not separate from it: the same embedding up to float noise)."""
         out = list(decoded)
         items, where = [], []
         for k, d in enumerate(decoded):
