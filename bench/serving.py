@@ -7,8 +7,9 @@ For each model (rotmnist-c8 on MNIST test digits as PNG files, qm9-vae on QM9 te
 1. **raw**: the model in-process, as a program that needs no service would run it
    (``load_model(dir, "onnx")``; ``prepare_noted`` + ``collate`` + ``embed_batch``): throughput
    at batches of 64 (the limit the service is measured against) and single-item latency;
-2. **service** (``quotient-server`` as ``make serve`` starts it, embedded backend, on loopback),
-   called over gRPC by a load generator in another process:
+2. **service** (``quotient-server`` as ``make serve`` starts it, embedded backend, on loopback;
+   then again with ``--decode-in processes``), called over gRPC by a load generator in another
+   process:
    - ``single``: 1 item per request, ``--concurrency`` (32) requests in flight;
    - ``large``: 64 items per request, 4 in flight;
    - ``idle``: 1 item per request, one at a time (latency at idle).
@@ -52,6 +53,10 @@ MODELS = ("rotmnist-c8", "qm9-vae")
 EMBED = "/quotient.v1.EmbeddingService/Embed"
 MAX_MESSAGE = 64 << 20
 RAW_BATCH = 64
+SERVICES = {  # name in the results: quotient-server's extra flags
+    "embedded": [],
+    "embedded, decode in processes": ["--decode-in", "processes"],
+}
 SHAPES = {  # name: (items per request, requests in flight)
     "single": (1, 32),
     "large": (64, 4),
@@ -176,6 +181,7 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
         latencies: list[float] = []
         counted = [0, 0]  # items answered in the window, answers checked
         errors: list[str] = []
+        server: dict[str, list[float]] = {"total": [], "queue": [], "inference": []}
         sent = 0
 
         async def caller(offset: int) -> None:
@@ -193,10 +199,15 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
                 end = time.perf_counter()
                 sent += 1
                 if sent % check_every == 0:
-                    rows = len(pb.EmbedResponse.FromString(answer).embeddings)
+                    parsed = pb.EmbedResponse.FromString(answer)
                     counted[1] += 1
-                    if rows != per_request:
-                        errors.append(f"answer of {rows} rows for {per_request} items")
+                    if len(parsed.embeddings) != per_request:
+                        errors.append(f"{len(parsed.embeddings)} rows for {per_request} items")
+                    if window[0] <= start and end <= window[1]:
+                        meta = parsed.metadata
+                        for key, d in (("total", meta.total_time), ("queue", meta.queue_time),
+                                       ("inference", meta.inference_time)):  # fmt: skip
+                            server[key].append(d.seconds + d.nanos * 1e-9)
                 if window[0] <= start and end <= window[1]:
                     latencies.append(end - start)
                 if window[0] <= end <= window[1]:
@@ -215,12 +226,17 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
         "errors": errors,
         "loadgen_cpu_share": cpu / wall,  # of one core, over warm-up and window
         **percentiles(latencies),
+        # the server's own account (ResponseMetadata) of the checked answers: time in the
+        # server, in the queue and in the model (p50, ms); the rest of the latency is gRPC,
+        # the network stack and the client
+        "server_p50_ms": {k: percentiles(v)["p50_ms"] for k, v in server.items()},
     }
 
 
 # ---------------------------------------------------------------------- service
 class Sampler:
-    """Samples a process's resident memory every 50 ms in a thread; ``peak`` in bytes."""
+    """Samples the resident memory of a process and its children (worker processes, TorchServe)
+    every 50 ms in a thread; ``peak`` in bytes, the largest sum seen."""
 
     def __init__(self, pid: int) -> None:
         import psutil
@@ -231,14 +247,22 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _tree(self) -> list:
+        return [self.process, *self.process.children(recursive=True)]
+
     def _run(self) -> None:
         while not self._stop.wait(0.05):
             with contextlib.suppress(Exception):
-                self.peak = max(self.peak, self.process.memory_info().rss)
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in self._tree()))
 
     def cpu(self) -> float:
-        times = self.process.cpu_times()
-        return times.user + times.system
+        """CPU seconds of the process and its live children so far."""
+        total = 0.0
+        for p in self._tree():
+            with contextlib.suppress(Exception):
+                times = p.cpu_times()
+                total += times.user + times.system
+        return total
 
     def stop(self) -> None:
         self._stop.set()
@@ -310,7 +334,9 @@ def measure_service(
         _log(
             f"{model} {shape}: {result['items_per_s']:.0f} items/s, p50 {result['p50_ms']:.2f} ms"
             f" (load generator {result['loadgen_cpu_share']:.0%} of a core, service "
-            f"{result['service_cpu_share']:.0%})"
+            f"{result['service_cpu_share']:.0%}; in the server p50 "
+            + ", ".join(f"{k} {v:.2f}" for k, v in result["server_p50_ms"].items())
+            + " ms)"
         )
         out[shape] = result
     return out
@@ -319,21 +345,21 @@ def measure_service(
 # ---------------------------------------------------------------------- report
 def table(results: dict) -> str:
     rows = [
-        "| model | raw items/s (batch 64) | service 1 item × 32 | service 64 items × 4 |"
-        " idle p50 / p99, service vs raw (ms) |",
-        "|---|---|---|---|---|",
+        "| model | raw items/s (batch 64) | service | 1 item × 32 | 64 items × 4 |"
+        " idle p50 / p99 (ms), raw | service |",
+        "|---|---|---|---|---|---|---|",
     ]
     for model, r in results["models"].items():
-        raw, svc = r["raw"], r["embedded"]
-        cells = [f"{raw['items_per_s']:,.0f}"]
-        for shape in ("single", "large"):
-            cells.append(f"{svc[shape]['items_per_s']:,.0f} ({svc[shape]['ratio_to_raw']:.2f}×)")
-        idle = svc["idle"]
-        cells.append(
-            f"{idle['p50_ms']:.2f} / {idle['p99_ms']:.2f} vs "
-            f"{raw['idle']['p50_ms']:.2f} / {raw['idle']['p99_ms']:.2f}"
-        )
-        rows.append(f"| {model} | " + " | ".join(cells) + " |")
+        raw = r["raw"]
+        for service in SERVICES:
+            svc = r[service]
+            cells = [f"{raw['items_per_s']:,.0f}", service]
+            for shape in ("single", "large"):
+                rate, ratio = svc[shape]["items_per_s"], svc[shape]["ratio_to_raw"]
+                cells.append(f"{rate:,.0f} ({ratio:.2f}×)")
+            cells.append(f"{raw['idle']['p50_ms']:.2f} / {raw['idle']['p99_ms']:.2f}")
+            cells.append(f"{svc['idle']['p50_ms']:.2f} / {svc['idle']['p99_ms']:.2f}")
+            rows.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -367,17 +393,19 @@ def main() -> None:
             raw = alone.submit(raw_model, model, inputs[model], args.warmup, args.duration).result()
         _log(f"{model} raw: {raw['items_per_s']:.0f} items/s, p50 {raw['idle']['p50_ms']:.2f} ms")
         results["models"][model] = {"raw": raw}
-    with (
-        ProcessPoolExecutor(1, mp_context=spawn) as pool,
-        tempfile.TemporaryDirectory() as tmp,
-        quotient_server(Path(tmp)) as (target, pid),
-    ):
-        for model in models:
-            svc = measure_service(pool, target, pid, model, inputs[model], args)
-            raw_rate = results["models"][model]["raw"]["items_per_s"]
-            for shape in ("single", "large"):
-                svc[shape]["ratio_to_raw"] = svc[shape]["items_per_s"] / raw_rate
-            results["models"][model]["embedded"] = svc
+    for service, flags in SERVICES.items():
+        with (
+            ProcessPoolExecutor(1, mp_context=spawn) as pool,
+            tempfile.TemporaryDirectory() as tmp,
+            quotient_server(Path(tmp), *flags) as (target, pid),
+        ):
+            for model in models:
+                _log(f"{model}: service ({service})")
+                svc = measure_service(pool, target, pid, model, inputs[model], args)
+                raw_rate = results["models"][model]["raw"]["items_per_s"]
+                for shape in ("single", "large"):
+                    svc[shape]["ratio_to_raw"] = svc[shape]["items_per_s"] / raw_rate
+                results["models"][model][service] = {"flags": flags, **svc}
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

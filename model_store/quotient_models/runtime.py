@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -85,7 +85,15 @@ class Encoder(Protocol):
 
 class OnnxSession:
     """An exported network through ONNX Runtime: CUDA when asked for and available, else the CPU.
-    Called with the network's inputs in order; returns its outputs in order."""
+    Called with the network's inputs in order; returns its outputs in order.
+
+    ``spin_wait``: whether ONNX Runtime's intra-op threads spin after each parallel section to
+    catch the next one sooner (its default, and the fastest for a program that only runs the
+    model). A server does other work on the same cores (decoding inputs, answering calls), and
+    spinning threads take those cores from it: the embedded backend turns it off for the
+    sessions it loads (measured by ``make bench-serving``; CHANGELOG)."""
+
+    spin_wait: ClassVar[bool] = True
 
     def __init__(
         self, path: Path, device: str = "cpu", threads: int = 0, dynamic_shapes: bool = False
@@ -93,6 +101,8 @@ class OnnxSession:
         ort = require("onnxruntime", ORT_HINT)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        if not self.spin_wait:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if dynamic_shapes:
             # ONNX Runtime's CPU arena keeps the largest block each shape asked for; with inputs
             # whose sizes vary from call to call (atoms per batch) it grew past 10 GB while a

@@ -152,6 +152,13 @@ class Settings:
         "threads that decode and prepare inputs; more decodes in "
         "parallel but competes with inference for CPU",
     )
+    decode_in: str = _f(
+        "threads",
+        "where inputs are decoded: in the server's threads, or in one worker process per "
+        "decode thread (no GIL shared with the server and the model; more memory, a crash "
+        "in a decoder fails only its item)",
+        ("threads", "processes"),
+    )
     max_request_pixels: int = _f(
         64 << 20,
         "most pixels decoded for one request, all its images together (read from their headers "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import time
 from dataclasses import dataclass, field
 
@@ -38,7 +37,7 @@ from quotient_service.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from quotient_service.prepare import NOT_STARTED, PreparePool
+from quotient_service.prepare import NOT_STARTED, PreparePool, prepare_remote
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "EmbedResult", "Engine", "Item"]
 
@@ -80,7 +79,9 @@ class Engine:
         self.limits = InputLimits(settings.max_input_bytes, settings.max_pixels)
         # Bounded: decoding is CPU work that competes with inference (decode_threads); shared
         # between requests in turn (prepare.py)
-        self._pool = PreparePool(settings.decode_threads)
+        self._pool = PreparePool(
+            settings.decode_threads, processes=settings.decode_in == "processes"
+        )
         # one decode chunk per model at a time: Decode rows never queue ahead of Embed batches
         # in a model's threads by more than one chunk
         self._decoding: dict[str, asyncio.Semaphore] = {}
@@ -294,7 +295,7 @@ class Engine:
         self, model: EmbeddingModel, items: list[Item], deadline: float, options: PrepareOptions
     ) -> tuple[list[np.ndarray], tuple[tuple[InputNote, ...], ...]]:
         """The prepared items and their notes, both in request order."""
-        prepare = functools.partial(_prepare_one, model, self.limits, options)
+        prepare = _Prepare(model, self.limits, options)
         try:
             results = await self._pool.map(prepare, [data for _, data in items], deadline)
         except TimeoutError:
@@ -319,10 +320,16 @@ class NonFiniteOutput(RuntimeError):
     """A model answered NaN or infinity for finite inputs (INTERNAL: a server fault)."""
 
 
-def _prepare_one(
-    model: EmbeddingModel, limits: InputLimits, options: PrepareOptions, data: bytes
-) -> tuple[np.ndarray, tuple[InputNote, ...]]:
-    return model.prepare_noted(data, limits, options)
+class _Prepare:
+    """One request's preparation: ``model.prepare_noted`` of an item, here or (``remote``: the
+    model's directory, picklable) in a decode worker process (prepare.py)."""
+
+    def __init__(self, model: EmbeddingModel, limits: InputLimits, options: PrepareOptions):
+        self.model, self.limits, self.options = model, limits, options
+        self.remote = (prepare_remote, (str(model.spec.directory), limits, options))
+
+    def __call__(self, data: bytes) -> tuple[np.ndarray, tuple[InputNote, ...]]:
+        return self.model.prepare_noted(data, self.limits, self.options)
 
 
 def _loop_time(deadline: float) -> float:

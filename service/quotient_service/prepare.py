@@ -11,19 +11,28 @@ deadline passes, or one of its items is refused (``InputError``): items start in
 every item before the refused one has started and the first bad item by index is still the one
 reported. An item that has started runs to its end (a Python thread cannot be interrupted); its
 cost is bounded by the per-item limits (``--max-pixels``, ``--max-input-bytes``) instead.
+
+With ``processes`` (``--decode-in processes``) each thread hands its items to a worker process of
+its own and waits for the answer with the GIL released: decoding and featurising (Python and
+RDKit code that holds the GIL) then run beside the server's event loop and the model's Python
+code instead of taking turns with them. A task runs in the worker when it says how
+(``RemoteTask``: picklable arguments for ``prepare_remote``), else in the thread. A worker that
+dies on an item (a crash in a decoder, the kernel's OOM killer) fails that item with the reason
+and is replaced for the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
-__all__ = ["NOT_STARTED", "PreparePool"]
+__all__ = ["NOT_STARTED", "PreparePool", "RemoteTask", "WorkerProcess", "prepare_remote"]
 
 NOT_STARTED: Any = object()  # the result of an item that was never started (its job stopped)
 
@@ -60,19 +69,136 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class PreparePool:
-    """``threads`` daemon threads that run ``fn(item)`` for the items of all requests in turn."""
+class RemoteTask(Protocol):
+    """A task that can run in a worker process: called in this process as ``task(item)``, or
+    there as ``fn(*args, item)`` with ``(fn, args) = task.remote`` (a module-level function and
+    picklable arguments, such as ``prepare_remote`` and a model's directory)."""
 
-    def __init__(self, threads: int, name: str = "prepare") -> None:
+    remote: tuple[Callable[..., Any], tuple[Any, ...]]
+
+    def __call__(self, item: Any) -> Any: ...
+
+
+_WORKER_MODELS: dict[str, Any] = {}  # in a worker process: model directory → loaded input side
+
+
+def prepare_remote(directory: str, limits: Any, options: Any, data: bytes) -> Any:
+    """In a worker process: ``prepare_noted`` of the model at ``directory`` (loaded once,
+    input side only, as the TorchServe backend loads it)."""
+    model = _WORKER_MODELS.get(directory)
+    if model is None:
+        from quotient_models.runtime import load_model
+
+        model = _WORKER_MODELS[directory] = load_model(directory, engine=None)
+    return model.prepare_noted(data, limits, options)
+
+
+def _worker_main(conn: Any) -> None:
+    """A worker process: answers ``(args)`` with ``(True, result)`` or ``(False, exception)``
+    until its pipe closes."""
+    from quotient_models.errors import InputError
+
+    while True:
+        try:
+            fn, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            answer: tuple[bool, Any] = (True, fn(*args))
+        except InputError as exc:
+            answer = (False, InputError(exc.reason))
+        except Exception as exc:  # a fault: sent as words (its class may not unpickle)
+            answer = (False, RuntimeError(f"{type(exc).__name__}: {exc}"))
+        conn.send(answer)
+
+
+class WorkerProcess:
+    """One worker process (spawned: no state inherited from the server) and its pipe; ``call``
+    runs one item there, replacing the process when it has died."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = False
+        self._start()
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, theirs = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(theirs,), name=self.name, daemon=True)
+        self.process.start()
+        theirs.close()
+
+    def call(self, task: RemoteTask, item: Any) -> Any:
+        """``task``'s function on ``item`` in the worker. A worker found dead is replaced first;
+        one that dies on the item is replaced and the item tried once more on the new one, so
+        only an item that ends a worker twice is refused for it (``InputError``)."""
+        from quotient_models.errors import InputError
+
+        fn, args = task.remote
+        for attempt in (1, 2):
+            if not self.process.is_alive() and not self.closed:
+                self._restart()
+            try:
+                self._conn.send((fn, (*args, item)))
+                ok, out = self._conn.recv()
+                break
+            except (EOFError, OSError):
+                self.process.join(5)
+                code = self.process.exitcode
+                how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                if self.closed or attempt == 2:
+                    raise InputError(
+                        f"decoding this input ended the worker process ({how}), twice"
+                    ) from None
+                self._restart()
+        if ok:
+            return out
+        raise out
+
+    def _restart(self) -> None:
+        self._conn.close()
+        with contextlib.suppress(Exception):
+            self.process.kill()
+            self.process.join(5)
+        self._start()
+
+    def close(self) -> None:
+        self.closed = True
+        self._conn.close()  # the worker sees the pipe close and returns
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+
+class PreparePool:
+    """``threads`` daemon threads that run ``fn(item)`` for the items of all requests in turn;
+    with ``processes``, each thread runs a ``RemoteTask``'s items in a worker process of its
+    own."""
+
+    def __init__(self, threads: int, name: str = "prepare", processes: bool = False) -> None:
         self._ring: deque[_Job] = deque()
         self._lock = threading.Condition()
         self._closed = False
+        self._workers = [
+            WorkerProcess(f"{name}-worker-{i}") for i in range(threads if processes else 0)
+        ]
         self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+            threading.Thread(
+                target=self._work,
+                args=(self._workers[i] if self._workers else None,),
+                name=f"{name}-{i}",
+                daemon=True,
+            )
             for i in range(threads)
         ]
         for thread in self._threads:
             thread.start()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids (none without ``processes``)."""
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
 
     @property
     def waiting(self) -> int:
@@ -115,6 +241,11 @@ class PreparePool:
                 job.finish_if_idle()
             self._ring.clear()
             self._lock.notify_all()
+        if self._workers:  # a thread waiting on its worker finishes that item first
+            for thread in self._threads:
+                thread.join(5)
+            for worker in self._workers:
+                worker.close()
 
     def _next(self) -> tuple[_Job, int] | None:
         """The next (job, index) to run, round-robin; None when the pool closes."""
@@ -135,11 +266,14 @@ class PreparePool:
                     return None
                 self._lock.wait()
 
-    def _work(self) -> None:
+    def _work(self, worker: WorkerProcess | None) -> None:
         while (task := self._next()) is not None:
             job, index = task
             try:
-                result: Any = job.fn(job.items[index])
+                if worker is not None and hasattr(job.fn, "remote"):
+                    result: Any = worker.call(cast(RemoteTask, job.fn), job.items[index])
+                else:
+                    result = job.fn(job.items[index])
             except Exception as exc:  # InputError, or a fault the engine re-raises
                 result = exc
             with self._lock:

@@ -5,12 +5,16 @@ its JSON. A short run on one model: this checks that the benchmark works, not wh
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serving import SERVICES, SHAPES  # noqa: E402
 
 
 def test_the_serving_benchmark_runs_and_writes_every_shape(tmp_path: Path) -> None:
@@ -40,8 +44,8 @@ def test_the_serving_benchmark_runs_and_writes_every_shape(tmp_path: Path) -> No
     result = json.loads(out.read_text())
     model = result["models"]["rotmnist-c8"]
     assert model["raw"]["items_per_s"] > 0 and model["raw"]["idle"]["requests"] > 0
-    for shape, per_request in (("single", 1), ("large", 64), ("idle", 1)):
-        measured = model["embedded"][shape]
+    for service, shape in itertools.product(SERVICES, SHAPES):
+        measured, per_request = model[service][shape], SHAPES[shape][0]
         assert measured["errors"] == []
         assert measured["items_per_request"] == per_request
         assert measured["answers_checked"] > 0  # every answer parsed: rows == items sent

@@ -21,6 +21,7 @@ from quotient_models.runtime import (
     TORCH_HINT,
     EmbeddingModel,
     InputLimits,
+    OnnxSession,
     gpu_visible,
     load_model,
 )
@@ -67,6 +68,9 @@ class EmbeddedBackend(Backend):
         specs = served_specs(self.settings)
         device = resolve_device(self.settings.device, self.settings.engine)
         loop = asyncio.get_running_loop()
+        # the model's threads share the cores with decoding and gRPC: no spin-waiting between
+        # batches (runtime.OnnxSession.spin_wait)
+        OnnxSession.spin_wait = False
         for spec in specs:
             pool = ThreadPoolExecutor(self.settings.model_workers, thread_name_prefix=spec.name)
             self._pools[spec.name] = pool
