@@ -205,7 +205,7 @@ test-e2e: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## only tests/e2e
 # ---------------------------------------------------------------- benchmarks (not tests: figures, not pass/fail)
 bench: bench-serving bench-search ## run every benchmark (bench/); results in bench/results/
 
-bench-serving: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz ## serving: the service against its raw model in-process, both models, 3 request shapes (about 3 min)
+bench-serving: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz $(ARCHIVES) ## serving: raw model vs the service (embedded, decode in processes, TorchServe backend) vs plain TorchServe, both models, 3 request shapes (about 6 min)
 	$(PY) bench/serving.py --out bench/results/serving.json
 
 bench-search: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz ## search: recall@10, latency, indexing rate, invariance, per store

@@ -56,7 +56,9 @@ RAW_BATCH = 64
 SERVICES = {  # name in the results: quotient-server's extra flags
     "embedded": [],
     "embedded, decode in processes": ["--decode-in", "processes"],
+    "torchserve backend": ["--backend", "torchserve"],
 }
+PLAIN = "plain torchserve"
 SHAPES = {  # name: (items per request, requests in flight)
     "single": (1, 32),
     "large": (64, 4),
@@ -155,27 +157,48 @@ def raw_model(model: str, inputs: list[bytes], warmup: float, duration: float) -
 
 
 # ---------------------------------------------------------------------- load generator
+PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
+
+
 def load(target: str, payloads: list[bytes], per_request: int, concurrency: int,
-         warmup: float, duration: float, check_every: int) -> dict:  # fmt: skip
+         warmup: float, duration: float, check_every: int,
+         plain: tuple[tuple[str, str], ...] | None = None) -> dict:  # fmt: skip
     """Runs in its own process: ``concurrency`` callers send ``payloads`` in turn for ``warmup``
-    + ``duration`` seconds; counts what completed in the second window."""
+    + ``duration`` seconds; counts what completed in the second window. ``plain``: the payloads
+    are TorchServe ``PredictionsRequest``s, sent with this call metadata (its token)."""
     return asyncio.run(
-        _load(target, payloads, per_request, concurrency, warmup, duration, check_every)
+        _load(target, payloads, per_request, concurrency, warmup, duration, check_every, plain)
     )
 
 
-async def _load(target: str, payloads: list[bytes], per_request: int, concurrency: int,
-                warmup: float, duration: float, check_every: int) -> dict:  # fmt: skip
-    import grpc
+def _rows(answer: bytes, plain: bool) -> tuple[int, Any]:
+    """Rows of an answer and its ResponseMetadata (None for plain TorchServe)."""
+    if plain:
+        from quotient_models import serving
+        from quotient_service.backends.torchserve import inference_stubs
 
+        pb2, _ = inference_stubs()
+        prediction = pb2.PredictionResponse.FromString(answer).prediction
+        return len(serving.decode_output(bytes(prediction)).values), None
     from quotient_client.proto import embedding_service_pb2 as pb
+
+    parsed = pb.EmbedResponse.FromString(answer)
+    return len(parsed.embeddings), parsed.metadata
+
+
+async def _load(target: str, payloads: list[bytes], per_request: int, concurrency: int,
+                warmup: float, duration: float, check_every: int,
+                plain: tuple[tuple[str, str], ...] | None) -> dict:  # fmt: skip
+    import grpc
 
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
     ]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
-        call = channel.unary_unary(EMBED)  # bytes in, bytes out: no (de)serialising here
+        # bytes in, bytes out: no (de)serialising in the timed loop
+        call = channel.unary_unary(EMBED if plain is None else PREDICTIONS)
+        metadata = plain or ()
         begin = time.perf_counter()
         window = (begin + warmup, begin + warmup + duration)
         latencies: list[float] = []
@@ -192,19 +215,18 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
                 at += concurrency
                 start = time.perf_counter()
                 try:
-                    answer = await call(payload, timeout=60)
+                    answer = await call(payload, timeout=60, metadata=metadata)
                 except grpc.RpcError as exc:
                     errors.append(f"{exc.code().name}: {exc.details()}")
                     return
                 end = time.perf_counter()
                 sent += 1
                 if sent % check_every == 0:
-                    parsed = pb.EmbedResponse.FromString(answer)
+                    rows, meta = _rows(answer, plain is not None)
                     counted[1] += 1
-                    if len(parsed.embeddings) != per_request:
-                        errors.append(f"{len(parsed.embeddings)} rows for {per_request} items")
-                    if window[0] <= start and end <= window[1]:
-                        meta = parsed.metadata
+                    if rows != per_request:
+                        errors.append(f"{rows} rows for {per_request} items")
+                    if meta is not None and window[0] <= start and end <= window[1]:
                         for key, d in (("total", meta.total_time), ("queue", meta.queue_time),
                                        ("inference", meta.inference_time)):  # fmt: skip
                             server[key].append(d.seconds + d.nanos * 1e-9)
@@ -217,7 +239,7 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
         cpu = time.process_time() - cpu
         wall = time.perf_counter() - begin
-    return {
+    result = {
         "items_per_request": per_request,
         "concurrency": concurrency,
         "items_per_s": counted[0] / duration,
@@ -226,11 +248,13 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
         "errors": errors,
         "loadgen_cpu_share": cpu / wall,  # of one core, over warm-up and window
         **percentiles(latencies),
+    }
+    if plain is None:
         # the server's own account (ResponseMetadata) of the checked answers: time in the
         # server, in the queue and in the model (p50, ms); the rest of the latency is gRPC,
         # the network stack and the client
-        "server_p50_ms": {k: percentiles(v)["p50_ms"] for k, v in server.items()},
-    }
+        result["server_p50_ms"] = {k: percentiles(v)["p50_ms"] for k, v in server.items()}
+    return result
 
 
 # ---------------------------------------------------------------------- service
@@ -300,19 +324,50 @@ def quotient_server(workdir: Path, *extra: str) -> Iterator[tuple[str, int]]:
         log.close()
 
 
-def measure_service(
+def model_batches(model: str, inputs: list[bytes], per_request: int, count: int) -> list[bytes]:
+    """What a client of plain TorchServe sends to the same archive: ``count`` model batches of
+    ``per_request`` items each, decoded, featurised and collated beforehand (by this process,
+    not timed), as TorchServe ``PredictionsRequest``s."""
+    from quotient_models import serving
+    from quotient_models.runtime import InputLimits, PrepareOptions, load_model
+    from quotient_service.backends.torchserve import inference_stubs
+
+    pb2, _ = inference_stubs()
+    loaded = load_model(ROOT / "model_store" / "models" / model, engine=None)
+    projection = loaded.resolve_projection(None)
+    limits, options = InputLimits(), PrepareOptions()
+    prepared = [loaded.prepare_noted(d, limits, options)[0] for d in inputs]
+    out, at = [], 0
+    for _ in range(count):
+        items = [prepared[(at + j) % len(prepared)] for j in range(per_request)]
+        at = (at + per_request) % len(prepared)
+        body = serving.encode_batch(loaded.collate(items), projection)
+        out.append(
+            pb2.PredictionsRequest(model_name=model, input={"body": body}).SerializeToString()
+        )
+    return out
+
+
+def measure(
     pool: ProcessPoolExecutor,
     target: str,
     pid: int,
     model: str,
     inputs: list[bytes],
     args: argparse.Namespace,
+    plain: tuple[tuple[str, str], ...] | None = None,
 ) -> dict:
+    """Every shape against one server (``plain``: plain TorchServe, with its call metadata)."""
     out = {}
     for shape, (per_request, concurrency) in SHAPES.items():
         if shape == "single":
             concurrency = args.concurrency
-        payloads = requests(model, inputs, per_request, max(1, len(inputs) // per_request))
+        count = max(1, len(inputs) // per_request)
+        payloads = (
+            requests(model, inputs, per_request, count)
+            if plain is None
+            else model_batches(model, inputs, per_request, count)
+        )
         sampler = Sampler(pid)
         cpu = sampler.cpu()
         started = time.perf_counter()
@@ -325,38 +380,90 @@ def measure_service(
             args.warmup,
             args.duration,
             1 if shape == "idle" else args.check_every,
+            plain,
         ).result()
         result["service_cpu_share"] = (sampler.cpu() - cpu) / (time.perf_counter() - started)
         sampler.stop()
         result["service_peak_rss_mb"] = sampler.peak / 2**20
         if result["errors"]:
             raise SystemExit(f"{model} {shape}: {result['errors'][0]}")
+        inside = result.get("server_p50_ms")
+        where = "" if inside is None else "; in the server p50 "
+        where += ", ".join(f"{k} {v:.2f} ms" for k, v in (inside or {}).items())
         _log(
             f"{model} {shape}: {result['items_per_s']:.0f} items/s, p50 {result['p50_ms']:.2f} ms"
-            f" (load generator {result['loadgen_cpu_share']:.0%} of a core, service "
-            f"{result['service_cpu_share']:.0%}; in the server p50 "
-            + ", ".join(f"{k} {v:.2f}" for k, v in result["server_p50_ms"].items())
-            + " ms)"
+            f" (load generator {result['loadgen_cpu_share']:.0%} of a core, server "
+            f"{result['service_cpu_share']:.0%}{where})"
         )
         out[shape] = result
     return out
 
 
+@contextlib.contextmanager
+def plain_torchserve(workdir: Path) -> Iterator[tuple[str, tuple[tuple[str, str], ...], int]]:
+    """TorchServe 0.12 serving the archives of model_store/archives with the settings the
+    TorchServe backend gives it (same workers per model, loopback ports), started and stopped by
+    that backend's own code: (gRPC target, call metadata with its token, frontend pid)."""
+    from conftest import free_port
+
+    from quotient_service.backends.torchserve import TorchServeBackend
+    from quotient_service.config import Settings
+
+    ports = [free_port() for _ in range(5)]
+    settings = Settings(
+        backend="torchserve",
+        torchserve_workdir=str(workdir),
+        torchserve_grpc_port=ports[0],
+        torchserve_grpc_management_port=ports[1],
+        torchserve_inference_port=ports[2],
+        torchserve_management_port=ports[3],
+        torchserve_metrics_port=ports[4],
+    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    backend = TorchServeBackend(settings)
+    try:
+        asyncio.run_coroutine_threadsafe(backend.start(), loop).result(300)
+        target, metadata, pid = backend.direct_access()
+        if pid is None:
+            raise SystemExit("TorchServe started without a process")
+        yield target, metadata, pid
+    finally:
+        asyncio.run_coroutine_threadsafe(backend.stop(), loop).result(120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def ts_flags(workdir: Path) -> list[str]:
+    """quotient-server flags for the TorchServe backend on free loopback ports."""
+    from conftest import free_port
+
+    names = ["grpc-port", "grpc-management-port", "inference-port", "management-port",
+             "metrics-port"]  # fmt: skip
+    flags = ["--torchserve-workdir", str(workdir / "ts")]
+    for name in names:
+        flags += [f"--torchserve-{name}", str(free_port())]
+    return flags
+
+
 # ---------------------------------------------------------------------- report
 def table(results: dict) -> str:
     rows = [
-        "| model | raw items/s (batch 64) | service | 1 item × 32 | 64 items × 4 |"
-        " idle p50 / p99 (ms), raw | service |",
+        "| model | raw items/s (batch 64) | served by | 1 item × 32 | 64 items × 4 |"
+        " idle p50 / p99 (ms), raw | served |",
         "|---|---|---|---|---|---|---|",
     ]
     for model, r in results["models"].items():
         raw = r["raw"]
-        for service in SERVICES:
+        for service in [s for s in (*SERVICES, PLAIN) if s in r]:
             svc = r[service]
             cells = [f"{raw['items_per_s']:,.0f}", service]
             for shape in ("single", "large"):
                 rate, ratio = svc[shape]["items_per_s"], svc[shape]["ratio_to_raw"]
-                cells.append(f"{rate:,.0f} ({ratio:.2f}×)")
+                versus = svc[shape].get("ratio_to_plain_torchserve")
+                plain = "" if versus is None else f", {versus:.2f}× plain TorchServe"
+                cells.append(f"{rate:,.0f} ({ratio:.2f}×{plain})")
             cells.append(f"{raw['idle']['p50_ms']:.2f} / {raw['idle']['p99_ms']:.2f}")
             cells.append(f"{svc['idle']['p50_ms']:.2f} / {svc['idle']['p99_ms']:.2f}")
             rows.append(f"| {model} | " + " | ".join(cells) + " |")
@@ -372,6 +479,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds counted")
     parser.add_argument("--concurrency", type=int, default=32, help="in flight, shape single")
     parser.add_argument("--check-every", type=int, default=16, help="answers parsed and checked")
+    parser.add_argument(
+        "--no-torchserve",
+        dest="torchserve",
+        action="store_false",
+        help="skip the TorchServe backend and plain TorchServe (no Java, no archives)",
+    )
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
 
@@ -393,19 +506,41 @@ def main() -> None:
             raw = alone.submit(raw_model, model, inputs[model], args.warmup, args.duration).result()
         _log(f"{model} raw: {raw['items_per_s']:.0f} items/s, p50 {raw['idle']['p50_ms']:.2f} ms")
         results["models"][model] = {"raw": raw}
-    for service, flags in SERVICES.items():
+    services = [s for s in SERVICES if args.torchserve or "torchserve" not in s]
+    for service in services:
+        flags = list(SERVICES[service])
         with (
             ProcessPoolExecutor(1, mp_context=spawn) as pool,
             tempfile.TemporaryDirectory() as tmp,
-            quotient_server(Path(tmp), *flags) as (target, pid),
+        ):
+            if "torchserve" in service:
+                flags += ts_flags(Path(tmp))
+            with quotient_server(Path(tmp), *flags) as (target, pid):
+                for model in models:
+                    _log(f"{model}: service ({service})")
+                    svc = measure(pool, target, pid, model, inputs[model], args)
+                    raw_rate = results["models"][model]["raw"]["items_per_s"]
+                    for shape in ("single", "large"):
+                        svc[shape]["ratio_to_raw"] = svc[shape]["items_per_s"] / raw_rate
+                    results["models"][model][service] = {"flags": flags, **svc}
+    if args.torchserve:
+        with (
+            ProcessPoolExecutor(1, mp_context=spawn) as pool,
+            tempfile.TemporaryDirectory() as tmp,
+            plain_torchserve(Path(tmp) / "ts") as (target, metadata, pid),
         ):
             for model in models:
-                _log(f"{model}: service ({service})")
-                svc = measure_service(pool, target, pid, model, inputs[model], args)
+                _log(f"{model}: {PLAIN}")
+                plain = measure(pool, target, pid, model, inputs[model], args, metadata)
+                backend = results["models"][model]["torchserve backend"]
                 raw_rate = results["models"][model]["raw"]["items_per_s"]
                 for shape in ("single", "large"):
-                    svc[shape]["ratio_to_raw"] = svc[shape]["items_per_s"] / raw_rate
-                results["models"][model][service] = {"flags": flags, **svc}
+                    rate = plain[shape]["items_per_s"]
+                    plain[shape]["ratio_to_raw"] = rate / raw_rate
+                    backend[shape]["ratio_to_plain_torchserve"] = (
+                        backend[shape]["items_per_s"] / rate
+                    )
+                results["models"][model][PLAIN] = plain
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

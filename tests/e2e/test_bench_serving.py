@@ -1,7 +1,8 @@
-"""`make bench-serving` runs end to end: bench/serving.py starts the service, drives every request
-shape through its load generator (which parses answers and checks their row counts) and writes
-its JSON. A short run on one model: this checks that the benchmark works, not what it measures
-(figures are not asserted; speed targets are the benchmark's, never a test's)."""
+"""`make bench-serving` runs end to end: bench/serving.py starts the service (embedded, decoding
+in processes, TorchServe backend) and a plain TorchServe, drives every request shape through its
+load generator (which parses answers and checks their row counts) and writes its JSON. A short
+run on one model: this checks that the benchmark works, not what it measures (figures are not
+asserted; speed targets are the benchmark's, never a test's)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serving import SERVICES, SHAPES  # noqa: E402
+from serving import PLAIN, SERVICES, SHAPES  # noqa: E402
 
 
 def test_the_serving_benchmark_runs_and_writes_every_shape(tmp_path: Path) -> None:
@@ -38,17 +39,19 @@ def test_the_serving_benchmark_runs_and_writes_every_shape(tmp_path: Path) -> No
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     model = result["models"]["rotmnist-c8"]
     assert model["raw"]["items_per_s"] > 0 and model["raw"]["idle"]["requests"] > 0
-    for service, shape in itertools.product(SERVICES, SHAPES):
+    for service, shape in itertools.product([*SERVICES, PLAIN], SHAPES):
         measured, per_request = model[service][shape], SHAPES[shape][0]
         assert measured["errors"] == []
         assert measured["items_per_request"] == per_request
         assert measured["answers_checked"] > 0  # every answer parsed: rows == items sent
         assert measured["items_per_s"] > 0
         assert measured["service_peak_rss_mb"] > 0
+    for shape in ("single", "large"):
+        assert model["torchserve backend"][shape]["ratio_to_plain_torchserve"] > 0
     assert "| rotmnist-c8 |" in run.stdout  # the table

@@ -309,6 +309,17 @@ class TorchServeBackend(Backend):
     async def ready(self) -> bool:
         return self._ready and not self._is_down() and await self._healthy(timeout=2.0)
 
+    def direct_access(self) -> tuple[str, tuple[tuple[str, str], ...], int | None]:
+        """How a client reaches this TorchServe's gRPC inference API directly, as the plain
+        TorchServe deployment ``make bench-serving`` compares us with: (target, call metadata
+        with the current inference token, frontend process id)."""
+        keys = self._read_keys()
+        if keys is not None and keys.inference != self._key:
+            self._use_keys(keys)
+        metadata = (("authorization", f"Bearer {self._key}"),) if self._key else ()
+        pid = self._proc.pid if self._proc is not None else None
+        return f"127.0.0.1:{self.settings.torchserve_grpc_port}", metadata, pid
+
     # ------------------------------------------------------------------ start-up steps
     def _discover(self) -> list[ModelSpec]:
         if self._specs is None:
