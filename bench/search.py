@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,42 +47,12 @@ def _log(message: str) -> None:
 # ---------------------------------------------------------------------- servers
 @contextlib.contextmanager
 def quotient_server(workdir: Path) -> Iterator[str]:
-    """``quotient-server`` as ``make serve`` runs it, on a free loopback port."""
-    from conftest import free_port
+    """``quotient-server`` as ``make serve`` runs it, on a free loopback port (serving.py's
+    launcher)."""
+    from serving import quotient_server as launch
 
-    from quotient_client import Client
-
-    port, health = free_port(), free_port()
-    log = (workdir / "server.log").open("w")
-    env = {**os.environ, "QUOTIENT_HOST": "127.0.0.1"}
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "quotient-server"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--health-port",
-            str(health),
-            "--metrics-port",
-            "0",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    target = f"127.0.0.1:{port}"
-    try:
-        with Client(target) as client:
-            client.wait_for_serving(120)
+    with launch(workdir) as (target, _pid):
         yield target
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 # ---------------------------------------------------------------------- data
