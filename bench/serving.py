@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -78,6 +79,14 @@ def percentiles(seconds: list[float] | np.ndarray) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------- inputs
+def chunks(items: list, size: int) -> Iterator[list]:
+    """Successive ``size``-item chunks of ``items``, cycling over them without end."""
+    at = 0
+    while True:
+        yield [items[(at + j) % len(items)] for j in range(size)]
+        at = (at + size) % len(items)
+
+
 def client_inputs(model: str, limit: int) -> list[bytes]:
     """What a client sends for ``model``: PNG files of MNIST test digits, or QM9 test SMILES."""
     if model == "rotmnist-c8":
@@ -100,8 +109,9 @@ def client_inputs(model: str, limit: int) -> list[bytes]:
     return [str(s).encode() for s in qm9.arrays["smiles"][qm9.rows("test")[:limit]]]
 
 
-def requests(model: str, inputs: list[bytes], per_request: int, count: int) -> list[bytes]:
-    """``count`` serialised EmbedRequests of ``per_request`` items each, cycling over inputs."""
+def requests(model: str, inputs: list[bytes]) -> Callable[[int, int], list[bytes]]:
+    """``build(per_request, count)``: ``count`` serialised EmbedRequests of ``per_request``
+    items each, cycling over ``inputs``."""
     from quotient_client.proto import embedding_service_pb2 as pb
 
     def item(data: bytes) -> Any:
@@ -109,14 +119,13 @@ def requests(model: str, inputs: list[bytes], per_request: int, count: int) -> l
             return pb.Input(image=pb.Image(data=data))
         return pb.Input(molecule=pb.Molecule(smiles=data.decode()))
 
-    out, at = [], 0
-    for _ in range(count):
-        chosen = [inputs[(at + j) % len(inputs)] for j in range(per_request)]
-        at = (at + per_request) % len(inputs)
-        out.append(
+    def build(per_request: int, count: int) -> list[bytes]:
+        return [
             pb.EmbedRequest(model=model, inputs=[item(d) for d in chosen]).SerializeToString()
-        )
-    return out
+            for chosen in itertools.islice(chunks(inputs, per_request), count)
+        ]
+
+    return build
 
 
 # ---------------------------------------------------------------------- raw model
@@ -133,11 +142,10 @@ def raw_model(model: str, inputs: list[bytes], warmup: float, duration: float) -
         return len(out.values)
 
     def timed(batch: int, seconds: float) -> tuple[int, list[float]]:
-        done, at, latencies = 0, 0, []
+        done, latencies, batches = 0, [], chunks(inputs, batch)
         stop = time.perf_counter() + seconds
         while time.perf_counter() < stop:
-            items = [inputs[(at + j) % len(inputs)] for j in range(batch)]
-            at = (at + batch) % len(inputs)
+            items = next(batches)
             start = time.perf_counter()
             done += embed(items)
             latencies.append(time.perf_counter() - start)
@@ -324,10 +332,10 @@ def quotient_server(workdir: Path, *extra: str) -> Iterator[tuple[str, int]]:
         log.close()
 
 
-def model_batches(model: str, inputs: list[bytes], per_request: int, count: int) -> list[bytes]:
-    """What a client of plain TorchServe sends to the same archive: ``count`` model batches of
-    ``per_request`` items each, decoded, featurised and collated beforehand (by this process,
-    not timed), as TorchServe ``PredictionsRequest``s."""
+def model_batches(model: str, inputs: list[bytes]) -> Callable[[int, int], list[bytes]]:
+    """``build(per_request, count)``: what a client of plain TorchServe sends to the same
+    archive, ``count`` model batches of ``per_request`` items as TorchServe
+    ``PredictionsRequest``s; the inputs are decoded and featurised once, here (not timed)."""
     from quotient_models import serving
     from quotient_models.runtime import InputLimits, PrepareOptions, load_model
     from quotient_service.backends.torchserve import inference_stubs
@@ -337,15 +345,18 @@ def model_batches(model: str, inputs: list[bytes], per_request: int, count: int)
     projection = loaded.resolve_projection(None)
     limits, options = InputLimits(), PrepareOptions()
     prepared = [loaded.prepare_noted(d, limits, options)[0] for d in inputs]
-    out, at = [], 0
-    for _ in range(count):
-        items = [prepared[(at + j) % len(prepared)] for j in range(per_request)]
-        at = (at + per_request) % len(prepared)
-        body = serving.encode_batch(loaded.collate(items), projection)
-        out.append(
-            pb2.PredictionsRequest(model_name=model, input={"body": body}).SerializeToString()
+
+    def build(per_request: int, count: int) -> list[bytes]:
+        bodies = (
+            serving.encode_batch(loaded.collate(items), projection)
+            for items in itertools.islice(chunks(prepared, per_request), count)
         )
-    return out
+        return [
+            pb2.PredictionsRequest(model_name=model, input={"body": b}).SerializeToString()
+            for b in bodies
+        ]
+
+    return build
 
 
 def measure(
@@ -359,15 +370,11 @@ def measure(
 ) -> dict:
     """Every shape against one server (``plain``: plain TorchServe, with its call metadata)."""
     out = {}
+    build = requests(model, inputs) if plain is None else model_batches(model, inputs)
     for shape, (per_request, concurrency) in SHAPES.items():
         if shape == "single":
             concurrency = args.concurrency
-        count = max(1, len(inputs) // per_request)
-        payloads = (
-            requests(model, inputs, per_request, count)
-            if plain is None
-            else model_batches(model, inputs, per_request, count)
-        )
+        payloads = build(per_request, max(1, len(inputs) // per_request))
         sampler = Sampler(pid)
         cpu = sampler.cpu()
         started = time.perf_counter()

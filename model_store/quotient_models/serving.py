@@ -49,8 +49,17 @@ def _decode_batch(payload: bytes) -> tuple[dict[str, np.ndarray], str, str]:
 def _encode_output(out: ProjectionOutput) -> bytes:
     buf = io.BytesIO()
     extra = {} if out.poses is None else {"poses": out.poses}
-    np.savez(buf, values=np.asarray(out.values, dtype=np.float32), **extra)
+    np.savez(buf, values=out.values, **extra)
     return buf.getvalue()
+
+
+def embed_arrays(
+    model: EmbeddingModel, arrays: dict[str, np.ndarray], projection: str
+) -> ProjectionOutput:
+    """One collated embedding batch through the model, values as the wire format holds them
+    (float32): what ``handle_payload`` answers, before it is written as bytes."""
+    out = model.embed_batch(arrays, projection or None)
+    return ProjectionOutput(np.asarray(out.values, dtype=np.float32), out.poses)
 
 
 def decode_output(payload: bytes) -> ProjectionOutput:
@@ -107,4 +116,4 @@ def handle_payload(model: EmbeddingModel, payload: bytes) -> bytes:
         return _handle_decode(model, arrays["values"], inexact)
     if op != "embed":
         raise ValueError(f"unknown operation {op!r} in the model batch")
-    return _encode_output(model.embed_batch(arrays, projection or None))
+    return _encode_output(embed_arrays(model, arrays, projection))

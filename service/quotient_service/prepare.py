@@ -16,9 +16,10 @@ With ``processes`` (``--decode-in processes``) each thread hands its items to a 
 its own and waits for the answer with the GIL released: decoding and featurising (Python and
 RDKit code that holds the GIL) then run beside the server's event loop and the model's Python
 code instead of taking turns with them. A task runs in the worker when it says how
-(``RemoteTask``: picklable arguments for ``prepare_remote``), else in the thread. A worker that
-dies on an item (a crash in a decoder, the kernel's OOM killer) fails that item with the reason
-and is replaced for the next one.
+(``RemoteTask``: a function such as ``prepare_remote`` and picklable arguments), else in the
+thread. A worker found dead is replaced; one that dies on an item (a crash in a decoder, the
+kernel's OOM killer) is replaced and the item tried once more, and an item that ends the new
+worker too is refused with the reason.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def prepare_remote(directory: str, limits: Any, options: Any, data: bytes) -> An
 
 
 def _worker_main(conn: Any) -> None:
-    """A worker process: answers ``(args)`` with ``(True, result)`` or ``(False, exception)``
-    until its pipe closes."""
+    """A worker process: answers each ``(fn, args)`` with ``(True, fn(*args))`` or ``(False,
+    exception)`` until its pipe closes."""
     from quotient_models.errors import InputError
 
     while True:

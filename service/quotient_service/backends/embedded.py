@@ -108,14 +108,12 @@ class EmbeddedBackend(Backend):
     async def embed(
         self, model_name: str, arrays: dict[str, np.ndarray], projection: str
     ) -> ProjectionOutput:
-        """The model's ``embed_batch`` on the arrays themselves, in the model's pool: what
-        ``handle_payload`` computes, without writing and reading the arrays as ``.npz``."""
+        """``serving.embed_arrays`` in the model's pool: what ``run`` answers, without writing
+        and reading the arrays as ``.npz``."""
         model = self._model(model_name)
-        out = await asyncio.get_running_loop().run_in_executor(
-            self._pools[model_name], model.embed_batch, arrays, projection or None
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pools[model_name], serving.embed_arrays, model, arrays, projection
         )
-        poses = None if out.poses is None else np.asarray(out.poses, dtype=np.float64)
-        return ProjectionOutput(np.asarray(out.values, dtype=np.float32), poses)
 
     async def ready(self) -> bool:
         return self._ready
