@@ -13,7 +13,7 @@ MODELS := $(patsubst model_store/models/%/model.json,%,$(wildcard model_store/mo
 ARCHIVES := $(patsubst %,model_store/archives/%.mar,$(MODELS))
 PYTEST_ARGS ?=
 
-.PHONY: help bench bench-serving bench-search bench-hnsw docs fuzz serve test test-unit test-integration test-e2e data-images train-images eval-images \
+.PHONY: help bench bench-serving bench-search bench-hnsw gpu-pack docs fuzz serve test test-unit test-integration test-e2e data-images train-images eval-images \
         data-molecules train-molecules eval-molecules data-druglike train-druglike eval-druglike install-druglike archives install install-train \
         install-molecules install-test install-torch install-torchserve install-gpu lint clean \
         wheelhouse base-image image
@@ -190,23 +190,28 @@ serve: $(SERVE_NEEDS) ## run the service on 127.0.0.1:50051 (QUOTIENT_BACKEND=to
 	$(VENV)/bin/quotient-server
 
 # ---------------------------------------------------------------- tests and checks
-test: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) lint ## install, lint (ruff, mypy) and run the whole test suite
+test: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz $(ARCHIVES) lint ## install, lint (ruff, mypy) and run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMPS)/test ## only tests/unit
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## only tests/integration
+test-integration: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz $(ARCHIVES) ## only tests/integration
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-test-e2e: $(STAMPS)/test data/mnist/mnist10k.npz $(ARCHIVES) ## only tests/e2e
+test-e2e: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz $(ARCHIVES) ## only tests/e2e
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 # ---------------------------------------------------------------- benchmarks (not tests: figures, not pass/fail)
 bench: bench-serving bench-search ## run every benchmark (bench/); results in bench/results/
 
-bench-serving: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz $(ARCHIVES) ## serving: raw model vs the service (embedded, decode in processes, TorchServe backend) vs plain TorchServe, both models, 3 request shapes (about 6 min)
-	$(PY) bench/serving.py --out bench/results/serving.json
+# SOAK=1: then 10 minutes at saturation, the service's memory sampled every second (soak.png)
+SOAK ?=
+bench-serving: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz $(ARCHIVES) ## serving: raw model vs the service (embedded, decode in processes, TorchServe backend) vs plain TorchServe, both models, 3 request shapes, memory per model (about 7 min; SOAK=1 adds a 10-min soak)
+	$(PY) bench/serving.py --out bench/results/serving.json $(if $(SOAK),--soak 600)
+
+gpu-pack: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz ## .gpu/ for bench/gpu.sh on the lent GPU: wheels, client stubs, inputs, model batches
+	$(PY) bench/gpu_pack.py --out .gpu
 
 bench-search: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz ## search: recall@10, latency, indexing rate, invariance, per store
 	$(PY) bench/search.py --out bench/results/search.json

@@ -21,6 +21,15 @@ Every configuration runs ``--warmup`` seconds, then counts the items answered wi
 whether it was the bottleneck: client and service share this machine's cores. The service's own
 CPU time and its resident memory (peak over the run, sampled) are reported too.
 
+Memory: the raw process's resident memory before and after loading the model; the service
+serving each model alone (``--models``), resident at ready and at peak under the ``large`` load.
+``--soak SECONDS`` (``make bench SOAK=1``: 600) then saturates a service serving every measured
+model with both request shapes at once and samples its resident memory every second: growth is
+the median of the last ``--soak-window`` seconds minus that of the first (after ``--warmup``).
+
+``--device cuda --engine torch`` (bench/gpu.sh) measures the same on a GPU; ``--inputs-from DIR``
+reads the client inputs from ``DIR/<model>.npz`` (``make gpu-pack`` writes them) instead of data/.
+
 Prints a table (items/s, service ÷ raw, p50/p99) and writes everything to ``--out`` (JSON),
 with the machine it ran on. Figures, not pass/fail: the targets are issue 12's.
 """
@@ -87,8 +96,14 @@ def chunks(items: list, size: int) -> Iterator[list]:
         at = (at + size) % len(items)
 
 
-def client_inputs(model: str, limit: int) -> list[bytes]:
-    """What a client sends for ``model``: PNG files of MNIST test digits, or QM9 test SMILES."""
+def client_inputs(model: str, limit: int, source: Path | None = None) -> list[bytes]:
+    """What a client sends for ``model``: PNG files of MNIST test digits, or QM9 test SMILES;
+    from ``source/<model>.npz`` when given (``data``: the inputs' bytes one after another,
+    ``ends``: where each ends; bench/gpu_pack.py writes it)."""
+    if source is not None:
+        with np.load(source / f"{model}.npz") as saved:
+            data, ends = saved["data"].tobytes(), saved["ends"][:limit]
+        return [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
     if model == "rotmnist-c8":
         from io import BytesIO
 
@@ -129,11 +144,27 @@ def requests(model: str, inputs: list[bytes]) -> Callable[[int, int], list[bytes
 
 
 # ---------------------------------------------------------------------- raw model
-def raw_model(model: str, inputs: list[bytes], warmup: float, duration: float) -> dict:
-    """The model in this process: throughput at batches of RAW_BATCH, single-item latency."""
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def raw_model(
+    model: str,
+    inputs: list[bytes],
+    warmup: float,
+    duration: float,
+    engine: str = "onnx",
+    device: str = "cpu",
+) -> dict:
+    """The model in this process: throughput at batches of RAW_BATCH, single-item latency,
+    resident memory before and after loading it."""
     from quotient_models.runtime import InputLimits, PrepareOptions, load_model
 
-    loaded = load_model(ROOT / "model_store" / "models" / model, "onnx")
+    before = rss_mb()
+    loaded = load_model(ROOT / "model_store" / "models" / model, engine, device)
+    loaded_rss = rss_mb()
     limits, options = InputLimits(), PrepareOptions()
 
     def embed(items: list[bytes]) -> int:
@@ -159,8 +190,11 @@ def raw_model(model: str, inputs: list[bytes], warmup: float, duration: float) -
     _, latencies = timed(1, duration)
     return {
         "batch": RAW_BATCH,
+        "engine": engine,
+        "device": device,
         "items_per_s": throughput,
         "idle": {"requests": len(latencies), **percentiles(latencies)},
+        "rss_mb": {"before_load": before, "loaded": loaded_rss, "after_bench": rss_mb()},
     }
 
 
@@ -255,6 +289,7 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
         "answers_checked": counted[1],
         "errors": errors,
         "loadgen_cpu_share": cpu / wall,  # of one core, over warm-up and window
+        "window": window,  # perf_counter (one clock for every process here)
         **percentiles(latencies),
     }
     if plain is None:
@@ -268,13 +303,17 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
 # ---------------------------------------------------------------------- service
 class Sampler:
     """Samples the resident memory of a process and its children (worker processes, TorchServe)
-    every 50 ms in a thread; ``peak`` in bytes, the largest sum seen."""
+    every ``every`` seconds in a thread; ``peak`` in bytes, the largest sum seen; ``timeline``
+    (seconds since the start, bytes) when ``keep``."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, every: float = 0.05, keep: bool = False) -> None:
         import psutil
 
         self.process = psutil.Process(pid)
         self.peak = 0
+        self.every, self.keep = every, keep
+        self.timeline: list[tuple[float, int]] = []
+        self._start = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -282,10 +321,16 @@ class Sampler:
     def _tree(self) -> list:
         return [self.process, *self.process.children(recursive=True)]
 
+    def rss(self) -> int:
+        return sum(p.memory_info().rss for p in self._tree())
+
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(self.every):
             with contextlib.suppress(Exception):
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in self._tree()))
+                rss = self.rss()
+                self.peak = max(self.peak, rss)
+                if self.keep:
+                    self.timeline.append((time.perf_counter() - self._start, rss))
 
     def cpu(self) -> float:
         """CPU seconds of the process and its live children so far."""
@@ -310,10 +355,12 @@ def quotient_server(workdir: Path, *extra: str) -> Iterator[tuple[str, int]]:
 
     port, health = free_port(), free_port()
     log = (workdir / "server.log").open("w")
-    server = str(Path(sys.executable).parent / "quotient-server")
+    script = Path(sys.executable).parent / "quotient-server"
+    # without an installed console script (bench/gpu.sh's bare machine): the same entry point
+    server = [str(script)] if script.exists() else [sys.executable, "-m", "quotient_service.server"]
     args = ["--host", "127.0.0.1", "--port", str(port), "--health-port", str(health)]
     proc = subprocess.Popen(
-        [server, *args, "--metrics-port", "0", *extra],
+        [*server, *args, "--metrics-port", "0", *extra],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "QUOTIENT_HOST": "127.0.0.1"},
@@ -454,6 +501,146 @@ def ts_flags(workdir: Path) -> list[str]:
     return flags
 
 
+# ---------------------------------------------------------------------- memory
+def run_load(
+    pool: ProcessPoolExecutor,
+    target: str,
+    payloads: list[bytes],
+    shape: str,
+    args: argparse.Namespace,
+    seconds: float | None = None,
+) -> Any:
+    """Submit one load of ``shape`` to ``pool`` (a future of ``load``'s result)."""
+    per_request, concurrency = SHAPES[shape]
+    if shape == "single":
+        concurrency = args.concurrency
+    return pool.submit(
+        load,
+        target,
+        payloads,
+        per_request,
+        concurrency,
+        args.warmup,
+        args.duration if seconds is None else seconds,
+        args.check_every,
+    )
+
+
+def model_memory(
+    pool: ProcessPoolExecutor,
+    model: str,
+    inputs: list[bytes],
+    flags: list[str],
+    args: argparse.Namespace,
+) -> dict:
+    """The service serving ``model`` alone (``--models``): resident memory once it is ready
+    (loaded and warmed up) and its peak under the ``large`` load."""
+    payloads = requests(model, inputs)(SHAPES["large"][0], max(1, len(inputs) // 64))
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        quotient_server(Path(tmp), *flags, "--models", model) as (target, pid),
+    ):
+        sampler = Sampler(pid)
+        ready = sampler.rss()
+        result = run_load(pool, target, payloads, "large", args).result()
+        sampler.stop()
+    if result["errors"]:
+        raise SystemExit(f"{model} memory: {result['errors'][0]}")
+    return {
+        "ready_rss_mb": ready / 2**20,
+        "peak_rss_mb": max(ready, sampler.peak) / 2**20,
+        "large_items_per_s": result["items_per_s"],
+    }
+
+
+def soak(
+    models: list[str], inputs: dict[str, list[bytes]], flags: list[str], args: argparse.Namespace
+) -> dict:
+    """``args.soak`` seconds of saturation on one service serving ``models``: 1-item requests
+    (``--concurrency`` in flight) and 64-item requests (4 in flight) at once, every model in
+    turn; resident memory (server and children) sampled every second."""
+    payloads = {}
+    for shape in ("single", "large"):
+        per_request = SHAPES[shape][0]
+        each = [
+            requests(m, inputs[m])(per_request, max(1, len(inputs[m]) // per_request))
+            for m in models
+        ]
+        payloads[shape] = [p for group in itertools.zip_longest(*each) for p in group if p]
+    spawn = get_context("spawn")
+    with (
+        ProcessPoolExecutor(2, mp_context=spawn) as pool,
+        tempfile.TemporaryDirectory() as tmp,
+        quotient_server(Path(tmp), *flags, "--models", ",".join(models)) as (target, pid),
+    ):
+        sampler = Sampler(pid, every=1.0, keep=True)
+        cpu, started = sampler.cpu(), time.perf_counter()
+        runs = {s: run_load(pool, target, payloads[s], s, args, args.soak) for s in payloads}
+        results = {s: f.result() for s, f in runs.items()}
+        cpu_share = (sampler.cpu() - cpu) / (time.perf_counter() - started)
+        sampler.stop()
+    for shape, result in results.items():
+        if result["errors"]:
+            raise SystemExit(f"soak {shape}: {result['errors'][0]}")
+    begin = max(r["window"][0] for r in results.values())  # both loads past their warm-up
+    end = min(r["window"][1] for r in results.values())
+    t0 = sampler._start
+    timeline = [
+        (t0 + t - begin, rss / 2**20) for t, rss in sampler.timeline if begin <= t0 + t <= end
+    ]
+    if len(timeline) < 4:
+        raise SystemExit(f"soak: {len(timeline)} memory samples in the window; raise --soak")
+    t, mb = np.array(timeline).T
+    window = min(args.soak_window, (end - begin) / 4)
+    first, last = np.median(mb[t <= window]), np.median(mb[t >= t[-1] - window])
+    half = t >= t[-1] / 2
+    slope = float(np.polyfit(t[half], mb[half], 1)[0]) * 60 if half.sum() > 1 else float("nan")
+    return {
+        "seconds": end - begin,
+        "models": models,
+        "shapes": {
+            s: {
+                k: r[k]
+                for k in ("items_per_s", "p50_ms", "p99_ms", "requests", "loadgen_cpu_share")
+            }
+            for s, r in results.items()
+        },
+        "service_cpu_share": cpu_share,
+        "rss_first_mb": float(first),
+        "rss_last_mb": float(last),
+        "rss_growth_mb": float(last - first),
+        "rss_max_mb": float(mb.max()),
+        "second_half_slope_mb_per_min": slope,
+        "window_s": window,
+        "timeline": [[round(a, 1), round(b, 1)] for a, b in timeline],
+    }
+
+
+def soak_plot(result: dict, path: Path) -> None:
+    """Resident memory over the soak, as a PNG (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib is not installed: no soak plot")
+        return
+    t, mb = np.array(result["timeline"]).T
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(t / 60, mb, lw=1)
+    ax.set_xlabel("minutes at saturation")
+    ax.set_ylabel("service RSS (MiB)")
+    ax.set_title(
+        f"soak: {', '.join(result['models'])}; growth {result['rss_growth_mb']:+.1f} MiB "
+        f"(first vs last {result['window_s']:.0f} s)"
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------- report
 def table(results: dict) -> str:
     rows = [
@@ -474,6 +661,29 @@ def table(results: dict) -> str:
             cells.append(f"{raw['idle']['p50_ms']:.2f} / {raw['idle']['p99_ms']:.2f}")
             cells.append(f"{svc['idle']['p50_ms']:.2f} / {svc['idle']['p99_ms']:.2f}")
             rows.append(f"| {model} | " + " | ".join(cells) + " |")
+    memory = {m: r for m, r in results["models"].items() if "memory" in r}
+    if memory:
+        rows += [
+            "",
+            "| model | raw process: RSS added by loading (MiB) | service serving it alone: "
+            "RSS at ready | peak under 64 items × 4 |",
+            "|---|---|---|---|",
+        ]
+        for model, r in memory.items():
+            raw, mem = r["raw"]["rss_mb"], r["memory"]
+            rows.append(
+                f"| {model} | {raw['loaded'] - raw['before_load']:,.0f} | "
+                f"{mem['ready_rss_mb']:,.0f} | {mem['peak_rss_mb']:,.0f} |"
+            )
+    if "soak" in results:
+        r = results["soak"]
+        rows += [
+            "",
+            f"Soak, {r['seconds'] / 60:.1f} min at saturation ({', '.join(r['models'])}): RSS "
+            f"{r['rss_first_mb']:,.0f} → {r['rss_last_mb']:,.0f} MiB ({r['rss_growth_mb']:+.1f}; "
+            f"medians of the first and last {r['window_s']:.0f} s), max {r['rss_max_mb']:,.0f}, "
+            f"second half {r['second_half_slope_mb_per_min']:+.2f} MiB/min",
+        ]
     return "\n".join(rows)
 
 
@@ -492,8 +702,32 @@ def main() -> None:
         action="store_false",
         help="skip the TorchServe backend and plain TorchServe (no Java, no archives)",
     )
+    parser.add_argument("--engine", default="onnx", choices=("onnx", "torch"))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (raw and service)")
+    parser.add_argument(
+        "--serve",
+        default="",
+        help="models the service serves (--models); empty: all of model_store (as make serve)",
+    )
+    parser.add_argument("--inputs-from", type=Path, help="DIR/<model>.npz instead of data/")
+    parser.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the service's memory per model",
+    )
+    parser.add_argument("--soak", type=float, default=0.0, help="seconds of soak (0: none)")
+    parser.add_argument(
+        "--soak-window",
+        type=float,
+        default=60.0,
+        help="seconds at each end of the soak whose median RSS is compared",
+    )
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
+    base = ["--engine", args.engine, "--device", args.device]
+    if args.serve:
+        base += ["--models", args.serve]
 
     spawn = get_context("spawn")
     results: dict[str, Any] = {
@@ -506,16 +740,25 @@ def main() -> None:
         "settings": {k: str(v) for k, v in vars(args).items()},
         "models": {},
     }
-    inputs = {model: client_inputs(model, args.inputs) for model in models}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    inputs = {model: client_inputs(model, args.inputs, args.inputs_from) for model in models}
     for model in models:
         _log(f"{model}: raw model in-process")
         with ProcessPoolExecutor(1, mp_context=spawn) as alone:  # a process of its own
-            raw = alone.submit(raw_model, model, inputs[model], args.warmup, args.duration).result()
+            raw = alone.submit(
+                raw_model,
+                model,
+                inputs[model],
+                args.warmup,
+                args.duration,
+                args.engine,
+                args.device,
+            ).result()
         _log(f"{model} raw: {raw['items_per_s']:.0f} items/s, p50 {raw['idle']['p50_ms']:.2f} ms")
         results["models"][model] = {"raw": raw}
     services = [s for s in SERVICES if args.torchserve or "torchserve" not in s]
     for service in services:
-        flags = list(SERVICES[service])
+        flags = base + SERVICES[service]
         with (
             ProcessPoolExecutor(1, mp_context=spawn) as pool,
             tempfile.TemporaryDirectory() as tmp,
@@ -548,8 +791,27 @@ def main() -> None:
                         backend[shape]["items_per_s"] / rate
                     )
                 results["models"][model][PLAIN] = plain
+    if args.memory:
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            for model in models:
+                _log(f"{model}: memory of the service serving it alone")
+                memory = model_memory(pool, model, inputs[model], base[:4], args)
+                _log(
+                    f"{model}: {memory['ready_rss_mb']:.0f} MiB ready, "
+                    f"{memory['peak_rss_mb']:.0f} MiB at peak"
+                )
+                results["models"][model]["memory"] = memory
+    if args.soak:
+        _log(f"soak: {args.soak:.0f} s at saturation, {', '.join(models)}")
+        results["soak"] = soak(models, inputs, base[:4], args)
+        soak_plot(results["soak"], args.out.with_name("soak.png"))
+        r = results["soak"]
+        _log(
+            f"soak: {r['rss_first_mb']:.0f} → {r['rss_last_mb']:.0f} MiB "
+            f"({r['rss_growth_mb']:+.1f}), max {r['rss_max_mb']:.0f}, second half "
+            f"{r['second_half_slope_mb_per_min']:+.2f} MiB/min"
+        )
     print(table(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     _log(f"wrote {args.out}")
 

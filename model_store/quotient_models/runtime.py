@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -258,6 +258,15 @@ class EmbeddingModel(ABC):
         image's header); 0 for inputs that are not images or whose header is unreadable (the
         decode itself then refuses them)."""
         return 0
+
+    def _described(self, head: Any) -> list[ProjectionInfo]:
+        """``head.describe()``, kept while the model holds that head (it is asked for on every
+        call: which projections exist, the chosen one's info)."""
+        cached = getattr(self, "_description", None)
+        if cached is None or cached[0] is not head:
+            cached = (head, tuple(head.describe()))
+            self._description = cached
+        return list(cached[1])
 
     def resolve_projection(self, name: str | None) -> str:
         chosen = name or self.spec.default_projection

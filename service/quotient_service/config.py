@@ -89,6 +89,11 @@ class Settings:
         "directory of model directories (model.json each); "
         "relative paths are tried from the cwd, then the repository root",
     )
+    models: str = _f(
+        "",
+        "comma-separated names of the models under --model-store to serve (a pod per model, "
+        "or less memory); empty = all of them. An unknown name is a start-up error",
+    )
     archive_dir: str = _f(
         "model_store/archives", "directory of TorchServe .mar archives (torchserve backend only)"
     )

@@ -1,6 +1,7 @@
 """`make bench-serving` runs end to end: bench/serving.py starts the service (embedded, decoding
 in processes, TorchServe backend) and a plain TorchServe, drives every request shape through its
-load generator (which parses answers and checks their row counts) and writes its JSON. A short
+load generator (which parses answers and checks their row counts), measures memory per model
+and a few seconds of soak, and writes its JSON and the soak plot. A short
 run on one model: this checks that the benchmark works, not what it measures (figures are not
 asserted; speed targets are the benchmark's, never a test's)."""
 
@@ -36,6 +37,10 @@ def test_the_serving_benchmark_runs_and_writes_every_shape(tmp_path: Path) -> No
             "1",
             "--check-every",
             "1",
+            "--soak",
+            "6",
+            "--soak-window",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -54,4 +59,12 @@ def test_the_serving_benchmark_runs_and_writes_every_shape(tmp_path: Path) -> No
         assert measured["service_peak_rss_mb"] > 0
     for shape in ("single", "large"):
         assert model["torchserve backend"][shape]["ratio_to_plain_torchserve"] > 0
-    assert "| rotmnist-c8 |" in run.stdout  # the table
+    raw_rss, memory = model["raw"]["rss_mb"], model["memory"]
+    assert raw_rss["loaded"] > raw_rss["before_load"] > 0
+    assert memory["peak_rss_mb"] >= memory["ready_rss_mb"] > 0
+    soak = result["soak"]  # both shapes at once on one service, memory sampled each second
+    assert soak["models"] == ["rotmnist-c8"] and len(soak["timeline"]) >= 4
+    assert all(soak["shapes"][shape]["items_per_s"] > 0 for shape in ("single", "large"))
+    assert soak["rss_max_mb"] >= max(soak["rss_first_mb"], soak["rss_last_mb"])
+    assert (out.parent / "soak.png").stat().st_size > 0
+    assert "| rotmnist-c8 |" in run.stdout and "Soak, " in run.stdout  # the tables

@@ -111,3 +111,28 @@ def test_docs_api_carries_the_image_input_policy():
 
     policy = preprocess.__doc__.split("Policy, in order:", 1)[1]
     assert words(policy) in words((REPO_ROOT / "docs" / "api.md").read_text())
+
+
+def test_models_serves_the_named_models_in_order_and_refuses_an_unknown_one(
+    three_model_store: Path,
+) -> None:
+    from quotient_service.backends.base import served_specs
+    from quotient_service.errors import StartupError
+
+    store = {"model_store": str(three_model_store)}
+    every = [s.name for s in served_specs(Settings(**store))]
+    assert every == ["tiny-a", "tiny-b", "tiny-c"]
+    chosen = served_specs(
+        load_settings(["--models", "tiny-c, tiny-a,tiny-c"], env=store_env(store))
+    )
+    assert [s.name for s in chosen] == ["tiny-c", "tiny-a"]
+    with pytest.raises(
+        StartupError,
+        match=r"--models / QUOTIENT_MODELS: 'tiny-x' not under .*"
+        r"\(it holds tiny-a, tiny-b, tiny-c\)",
+    ):
+        served_specs(Settings(models="tiny-a,tiny-x", **store))
+
+
+def store_env(settings: dict[str, str]) -> dict[str, str]:
+    return {f"QUOTIENT_{k.upper()}": v for k, v in settings.items()}

@@ -56,7 +56,7 @@ class ImageModel(EmbeddingModel):
         self.framing = Framing.from_spec(spec.raw.get("input", {}).get("frame"))
 
     def projections(self) -> list[ProjectionInfo]:
-        return self.head.describe()
+        return self._described(self.head)
 
     def prepare(self, data: bytes, limits: InputLimits) -> np.ndarray:
         pixels = decode_image(

@@ -87,7 +87,7 @@ class MoleculeModel(EmbeddingModel):
         self.decode_tolerance = DECODE_TOLERANCE
 
     def projections(self) -> list[ProjectionInfo]:
-        return self.head.describe()
+        return self._described(self.head)
 
     def graph(self, text: str) -> MolGraph:
         """SMILES, or a MolBlock / one SDF record (text with line breaks) → graph, standardised

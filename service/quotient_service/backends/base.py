@@ -17,8 +17,8 @@ __all__ = ["Backend", "served_specs"]
 
 
 def served_specs(settings: Settings) -> list[ModelSpec]:
-    """The models under ``--model-store``; none is a start-up error (a server with nothing to
-    serve must not report SERVING)."""
+    """The models under ``--model-store`` (only those ``--models`` names, in its order, when
+    set); none is a start-up error (a server with nothing to serve must not report SERVING)."""
     root = resolve_repo_path(settings.model_store)
     if not root.is_dir():
         raise StartupError(
@@ -34,7 +34,17 @@ def served_specs(settings: Settings) -> list[ModelSpec]:
             f"--model-store / QUOTIENT_MODEL_STORE: no models under {root} "
             "(each model is a directory holding a model.json)"
         )
-    return specs
+    wanted = [name.strip() for name in settings.models.split(",") if name.strip()]
+    if not wanted:
+        return specs
+    found = {spec.name: spec for spec in specs}
+    unknown = [name for name in wanted if name not in found]
+    if unknown:
+        raise StartupError(
+            f"--models / QUOTIENT_MODELS: {', '.join(map(repr, unknown))} not under {root} "
+            f"(it holds {', '.join(sorted(found))})"
+        )
+    return [found[name] for name in dict.fromkeys(wanted)]
 
 
 class Backend(ABC):
