@@ -406,6 +406,33 @@ def model_batches(model: str, inputs: list[bytes]) -> Callable[[int, int], list[
     return build
 
 
+def run_load(
+    pool: ProcessPoolExecutor,
+    target: str,
+    payloads: list[bytes],
+    shape: str,
+    args: argparse.Namespace,
+    seconds: float | None = None,
+    plain: tuple[tuple[str, str], ...] | None = None,
+) -> Any:
+    """Submit one load of ``shape`` to ``pool`` (a future of ``load``'s result); every idle
+    answer is checked."""
+    per_request, concurrency = SHAPES[shape]
+    if shape == "single":
+        concurrency = args.concurrency
+    return pool.submit(
+        load,
+        target,
+        payloads,
+        per_request,
+        concurrency,
+        args.warmup,
+        args.duration if seconds is None else seconds,
+        1 if shape == "idle" else args.check_every,
+        plain,
+    )
+
+
 def measure(
     pool: ProcessPoolExecutor,
     target: str,
@@ -418,24 +445,12 @@ def measure(
     """Every shape against one server (``plain``: plain TorchServe, with its call metadata)."""
     out = {}
     build = requests(model, inputs) if plain is None else model_batches(model, inputs)
-    for shape, (per_request, concurrency) in SHAPES.items():
-        if shape == "single":
-            concurrency = args.concurrency
+    for shape, (per_request, _) in SHAPES.items():
         payloads = build(per_request, max(1, len(inputs) // per_request))
         sampler = Sampler(pid)
         cpu = sampler.cpu()
         started = time.perf_counter()
-        result = pool.submit(
-            load,
-            target,
-            payloads,
-            per_request,
-            concurrency,
-            args.warmup,
-            args.duration,
-            1 if shape == "idle" else args.check_every,
-            plain,
-        ).result()
+        result = run_load(pool, target, payloads, shape, args, plain=plain).result()
         result["service_cpu_share"] = (sampler.cpu() - cpu) / (time.perf_counter() - started)
         sampler.stop()
         result["service_peak_rss_mb"] = sampler.peak / 2**20
@@ -502,30 +517,6 @@ def ts_flags(workdir: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------- memory
-def run_load(
-    pool: ProcessPoolExecutor,
-    target: str,
-    payloads: list[bytes],
-    shape: str,
-    args: argparse.Namespace,
-    seconds: float | None = None,
-) -> Any:
-    """Submit one load of ``shape`` to ``pool`` (a future of ``load``'s result)."""
-    per_request, concurrency = SHAPES[shape]
-    if shape == "single":
-        concurrency = args.concurrency
-    return pool.submit(
-        load,
-        target,
-        payloads,
-        per_request,
-        concurrency,
-        args.warmup,
-        args.duration if seconds is None else seconds,
-        args.check_every,
-    )
-
-
 def model_memory(
     pool: ProcessPoolExecutor,
     model: str,

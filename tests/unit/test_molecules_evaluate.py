@@ -3,6 +3,8 @@ behind "coinciding distinct molecules" and the sampling interval of a reconstruc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -85,3 +87,31 @@ def test_downstream_figures_are_the_compared_feature_sets() -> None:
     assert got["downstream.solubility.logS.ecfp4.mae"]["value"] == 2.0
     assert "log10(mol/L)" in got["downstream.solubility.logS.sorted.mae"]["description"]
     assert {f["command"] for f in got.values()} == {"CMD"}
+
+
+def test_the_card_compares_latent_widths_with_this_models_current_figures(tmp_path: Path) -> None:
+    """The latent-width table's row for this model comes from its metrics.json as it is now, not
+    from the copy taken when the comparison ran (it once showed an older invariance figure)."""
+    import json
+    import shutil
+
+    from quotient_models.molecules.evaluate import write_card
+
+    source = Path(__file__).resolve().parents[2] / "model_store" / "models" / "qm9-vae"
+    model = tmp_path / "qm9-vae"
+    model.mkdir()
+    for name in ("model.json", "metrics.json", "projection.json", "training_history.json"):
+        shutil.copy(source / name, model / name)
+    metrics = json.loads((model / "metrics.json").read_text())
+    width = next(m for m in metrics if m["name"] == "latent_width")
+    width["models"][0]["max_relative_change_sorted"] = 0.123  # a stale copy
+    invariance = next(m for m in metrics if m["name"] == "invariance")
+    (model / "metrics.json").write_text(json.dumps(metrics))
+    write_card(model)
+    row = next(
+        line
+        for line in (model / "MODEL_CARD.md").read_text().splitlines()
+        if line.startswith("| 8 | element")
+    )
+    assert f"| {invariance['max_relative_change_sorted']:.2e} |" in row
+    assert "1.23e-01" not in row

@@ -800,34 +800,42 @@ LABELS = {
 }
 
 
+def _width_row(model_dir: Path, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One model's row of the latent-width comparison, from its model.json and ``metrics``
+    (its metrics.json by name)."""
+    spec = json.loads((model_dir / "model.json").read_text())
+    tr = spec.get("training", {})
+    row: dict[str, Any] = {
+        "dir": str(model_dir),
+        "latent_dim": spec["latent"]["dim"],
+        "sort_key": spec["latent"].get("sort_key", []),
+        "epochs": tr.get("epochs"),
+        "train_minutes": tr.get("minutes"),
+        "best_val_exact_graph": tr.get("best_val_exact_graph"),
+        "train_args": tr.get("args", {}),
+    }
+    if "invariance" in metrics:
+        row["max_relative_change_sorted"] = metrics["invariance"]["max_relative_change_sorted"]
+        row["coinciding_sorted"] = metrics["invariance"]["coincident_distinct_molecules"]["sorted"][
+            "coinciding"
+        ]
+    if "reconstruction" in metrics:
+        row["exact_rate_sorted"] = metrics["reconstruction"]["exact_rate_sorted"]
+    if "regression" in metrics:
+        row["hgb_mae"] = metrics["regression"]["mae"].get("hgb")
+    return row
+
+
 def compare(model_dir: Path, other: Path) -> dict[str, Any]:
     """Figures of another model directory (e.g. the d = 1 isometric-sort model trained with the
-    same command and ``--latent-dim 1``), already measured by this module, next to this one's."""
-    rows = {}
-    for name, d in (("this", model_dir), ("other", other)):
-        spec = json.loads((d / "model.json").read_text())
-        m = {x["name"]: x for x in json.loads((d / "metrics.json").read_text())}
-        tr = spec.get("training", {})
-        row: dict[str, Any] = {
-            "dir": str(d),
-            "latent_dim": spec["latent"]["dim"],
-            "sort_key": spec["latent"].get("sort_key", []),
-            "epochs": tr.get("epochs"),
-            "train_minutes": tr.get("minutes"),
-            "best_val_exact_graph": tr.get("best_val_exact_graph"),
-            "train_args": tr.get("args", {}),
-        }
-        if "invariance" in m:
-            row["max_relative_change_sorted"] = m["invariance"]["max_relative_change_sorted"]
-            row["coinciding_sorted"] = m["invariance"]["coincident_distinct_molecules"]["sorted"][
-                "coinciding"
-            ]
-        if "reconstruction" in m:
-            row["exact_rate_sorted"] = m["reconstruction"]["exact_rate_sorted"]
-        if "regression" in m:
-            row["hgb_mae"] = m["regression"]["mae"].get("hgb")
-        rows[name] = row
-    return {"models": [rows["this"], rows["other"]]}
+    same command and ``--latent-dim 1``), already measured by this module, next to this one's.
+    The card shows this model's row from its current metrics.json (``_width_row``), so a later
+    evaluation of this model never leaves the comparison showing older figures."""
+    rows = [
+        _width_row(d, {x["name"]: x for x in json.loads((d / "metrics.json").read_text())})
+        for d in (model_dir, other)
+    ]
+    return {"models": rows}
 
 
 def _write(model_dir: Path, key: str, result: dict[str, Any]) -> None:
@@ -1480,7 +1488,9 @@ def write_card(model_dir: Path) -> None:
             "raw renumbered / sum |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in metrics["latent_width"]["models"]:
+        this, *others = metrics["latent_width"]["models"]
+        current = {**_width_row(model_dir, metrics), "dir": this["dir"]}
+        for r in [current, *others]:
             mae = r.get("hgb_mae") or {}
             cells = []
             for t in ("gap", "alpha"):
