@@ -405,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
             from quotient_models.molecules.downstream import run
 
             result = run(model, seed=args.seed, jobs=args.jobs)
+        elif key == "simplest":  # needs no data/moses
+            result = qm9_eval.simplest(model)
         else:
             data = load(args.data)
             if key == "invariance":
@@ -426,8 +428,6 @@ def main(argv: list[str] | None = None) -> None:
                     args.jobs,
                     split_limit=args.limit if args.split_limit is None else args.split_limit,
                 )
-            else:
-                result = qm9_eval.simplest(model)
         _write(args.model, key, result, command)
         print(f"{key}: written to {args.model / 'metrics.json'}", flush=True)
     write_card(args.model)
