@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serving import client_inputs  # noqa: E402
+from serving import client_inputs, prepared_items  # noqa: E402
 
 LIMIT = 64 << 20  # what one device command may carry, the working tree included
 WHEELS = [  # imported by the service and its generated stubs, absent or older there
@@ -95,11 +95,8 @@ def download_wheels(out: Path) -> None:
 
 def model_batch(model: str, inputs: list[bytes]) -> dict[str, np.ndarray]:
     """The first ``BATCH`` inputs prepared and collated as the service would hand them over."""
-    from quotient_models.runtime import InputLimits, PrepareOptions, load_model
-
-    loaded = load_model(ROOT / "model_store" / "models" / model, engine=None)
-    limits, options = InputLimits(), PrepareOptions()
-    return loaded.collate([loaded.prepare_noted(d, limits, options)[0] for d in inputs[:BATCH]])
+    loaded, prepared = prepared_items(model, inputs[:BATCH])
+    return loaded.collate(prepared)
 
 
 def druglike_inputs() -> list[bytes]:

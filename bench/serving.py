@@ -304,7 +304,7 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
 class Sampler:
     """Samples the resident memory of a process and its children (worker processes, TorchServe)
     every ``every`` seconds in a thread; ``peak`` in bytes, the largest sum seen; ``timeline``
-    (seconds since the start, bytes) when ``keep``."""
+    (``time.perf_counter()``, bytes) when ``keep``."""
 
     def __init__(self, pid: int, every: float = 0.05, keep: bool = False) -> None:
         import psutil
@@ -313,7 +313,6 @@ class Sampler:
         self.peak = 0
         self.every, self.keep = every, keep
         self.timeline: list[tuple[float, int]] = []
-        self._start = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -330,7 +329,7 @@ class Sampler:
                 rss = self.rss()
                 self.peak = max(self.peak, rss)
                 if self.keep:
-                    self.timeline.append((time.perf_counter() - self._start, rss))
+                    self.timeline.append((time.perf_counter(), rss))
 
     def cpu(self) -> float:
         """CPU seconds of the process and its live children so far."""
@@ -379,19 +378,26 @@ def quotient_server(workdir: Path, *extra: str) -> Iterator[tuple[str, int]]:
         log.close()
 
 
+def prepared_items(model: str, inputs: list[bytes]) -> tuple[Any, list[np.ndarray]]:
+    """``model`` loaded without an engine and ``inputs`` prepared as the service prepares them
+    (ready to ``collate``)."""
+    from quotient_models.runtime import InputLimits, PrepareOptions, load_model
+
+    loaded = load_model(ROOT / "model_store" / "models" / model, engine=None)
+    limits, options = InputLimits(), PrepareOptions()
+    return loaded, [loaded.prepare_noted(d, limits, options)[0] for d in inputs]
+
+
 def model_batches(model: str, inputs: list[bytes]) -> Callable[[int, int], list[bytes]]:
     """``build(per_request, count)``: what a client of plain TorchServe sends to the same
     archive, ``count`` model batches of ``per_request`` items as TorchServe
     ``PredictionsRequest``s; the inputs are decoded and featurised once, here (not timed)."""
     from quotient_models import serving
-    from quotient_models.runtime import InputLimits, PrepareOptions, load_model
     from quotient_service.backends.torchserve import inference_stubs
 
     pb2, _ = inference_stubs()
-    loaded = load_model(ROOT / "model_store" / "models" / model, engine=None)
+    loaded, prepared = prepared_items(model, inputs)
     projection = loaded.resolve_projection(None)
-    limits, options = InputLimits(), PrepareOptions()
-    prepared = [loaded.prepare_noted(d, limits, options)[0] for d in inputs]
 
     def build(per_request: int, count: int) -> list[bytes]:
         bodies = (
@@ -575,10 +581,7 @@ def soak(
             raise SystemExit(f"soak {shape}: {result['errors'][0]}")
     begin = max(r["window"][0] for r in results.values())  # both loads past their warm-up
     end = min(r["window"][1] for r in results.values())
-    t0 = sampler._start
-    timeline = [
-        (t0 + t - begin, rss / 2**20) for t, rss in sampler.timeline if begin <= t0 + t <= end
-    ]
+    timeline = [(t - begin, rss / 2**20) for t, rss in sampler.timeline if begin <= t <= end]
     if len(timeline) < 4:
         raise SystemExit(f"soak: {len(timeline)} memory samples in the window; raise --soak")
     t, mb = np.array(timeline).T
