@@ -21,6 +21,13 @@ Every configuration runs ``--warmup`` seconds, then counts the items answered wi
 whether it was the bottleneck: client and service share this machine's cores. The service's own
 CPU time and its resident memory (peak over the run, sampled) are reported too.
 
+**gRPC floor**: the ``single`` load against a gRPC Python server whose Embed method returns a
+ready answer of the model's size without reading the request, in a process of its own: what gRPC
+costs per call (CPU on the server and in the load generator) before any service code runs. With
+the raw model's CPU per item it bounds the ``single`` shape for *any* gRPC Python service here:
+each item costs at least the model's CPU plus both floors, on ``os.cpu_count()`` cores (and
+without the load generator's part, were the client on other cores).
+
 Memory: the raw process's resident memory before and after loading the model; the service
 serving each model alone (``--models``), resident at ready and at peak under the ``large`` load.
 ``--soak SECONDS`` (``make bench SOAK=1``: 600) then saturates a service serving every measured
@@ -183,9 +190,10 @@ def raw_model(
         return done, latencies
 
     timed(RAW_BATCH, warmup)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     done, _ = timed(RAW_BATCH, duration)
     throughput = done / (time.perf_counter() - start)
+    cpu_per_item = (time.process_time() - cpu) / max(done, 1)  # every thread of the process
     timed(1, min(warmup, 1.0))
     _, latencies = timed(1, duration)
     return {
@@ -193,6 +201,7 @@ def raw_model(
         "engine": engine,
         "device": device,
         "items_per_s": throughput,
+        "cpu_ms_per_item": cpu_per_item * 1000,
         "idle": {"requests": len(latencies), **percentiles(latencies)},
         "rss_mb": {"before_load": before, "loaded": loaded_rss, "after_bench": rss_mb()},
     }
@@ -298,6 +307,107 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
         # the network stack and the client
         result["server_p50_ms"] = {k: percentiles(v)["p50_ms"] for k, v in server.items()}
     return result
+
+
+# ---------------------------------------------------------------------- gRPC floor
+def floor_answer(model: str) -> bytes:
+    """An EmbedResponse of one embedding of ``model``'s default projection, with metadata,
+    about the size of the service's answer to a 1-item request."""
+    from google.protobuf.duration_pb2 import Duration
+
+    from quotient_client.proto import embedding_service_pb2 as pb
+    from quotient_models.runtime import load_model
+
+    loaded = load_model(ROOT / "model_store" / "models" / model, engine=None)
+    default = loaded.resolve_projection(None)
+    dim = next(p.dimension for p in loaded.projections() if p.name == default)
+    took = Duration(nanos=1_000_000)
+    return pb.EmbedResponse(
+        embeddings=[pb.Embedding(values=np.linspace(-1, 1, dim).tolist())],
+        model=model,
+        projection=default,
+        invariant=True,
+        model_version=loaded.spec.version,
+        metadata=pb.ResponseMetadata(
+            total_time=took,
+            queue_time=took,
+            inference_time=took,
+            batch_size=1,
+        ),
+    ).SerializeToString()
+
+
+def floor_server(port: int, answer: bytes) -> None:
+    """Runs in its own process: a gRPC Python (asyncio) server on ``port`` whose Embed method
+    returns ``answer`` to every call, without parsing the request: what any Python service
+    costs per call before it does anything."""
+    import grpc
+
+    async def embed(request: bytes, context: Any) -> bytes:
+        return answer
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
+        handler = grpc.unary_unary_rpc_method_handler(embed)  # bytes in, bytes out
+        service, method = EMBED.strip("/").split("/")
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {method: handler}),)
+        )
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def grpc_floor(
+    pool: ProcessPoolExecutor, model: str, inputs: list[bytes], raw: dict, args: argparse.Namespace
+) -> dict:
+    """The ``single`` load against ``floor_server`` answering like the service: gRPC's own CPU
+    per call, on the server and in the load generator. With the raw model's CPU per item, it
+    bounds what any gRPC Python service can reach at 1 item per request on this machine: each
+    item costs at least the model's CPU plus both floors, on ``os.cpu_count()`` cores."""
+    import grpc
+    from conftest import free_port
+
+    port = free_port()
+    server = get_context("spawn").Process(
+        target=floor_server, args=(port, floor_answer(model)), daemon=True
+    )
+    server.start()
+    target = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        payloads = requests(model, inputs)(1, len(inputs))
+        sampler = Sampler(server.pid or 0)
+        cpu, started = sampler.cpu(), time.perf_counter()
+        result = run_load(pool, target, payloads, "single", args).result()
+        server_share = (sampler.cpu() - cpu) / (time.perf_counter() - started)
+        sampler.stop()
+    finally:
+        server.terminate()
+        server.join(10)
+    if result["errors"]:
+        raise SystemExit(f"{model} gRPC floor: {result['errors'][0]}")
+    rate = result["items_per_s"]  # calls/s: 1 item per call
+    server_ms = 1000 * server_share / rate
+    client_ms = 1000 * result["loadgen_cpu_share"] / rate
+    model_ms = raw["cpu_ms_per_item"]
+    cores = os.cpu_count() or 1
+    ceiling = 1000 * cores / (model_ms + server_ms + client_ms)
+    server_only = 1000 * cores / (model_ms + server_ms)  # a client on other cores
+    return {
+        "calls_per_s": rate,
+        "p50_ms": result["p50_ms"],
+        "server_cpu_ms_per_call": server_ms,
+        "client_cpu_ms_per_call": client_ms,
+        "model_cpu_ms_per_item": model_ms,
+        "cores": cores,
+        "single_ceiling_items_per_s": ceiling,
+        "single_ceiling_ratio_to_raw": ceiling / raw["items_per_s"],
+        "single_ceiling_server_only_ratio_to_raw": server_only / raw["items_per_s"],
+    }
 
 
 # ---------------------------------------------------------------------- service
@@ -655,6 +765,22 @@ def table(results: dict) -> str:
             cells.append(f"{raw['idle']['p50_ms']:.2f} / {raw['idle']['p99_ms']:.2f}")
             cells.append(f"{svc['idle']['p50_ms']:.2f} / {svc['idle']['p99_ms']:.2f}")
             rows.append(f"| {model} | " + " | ".join(cells) + " |")
+    floors = {m: r["grpc floor"] for m, r in results["models"].items() if "grpc floor" in r}
+    if floors:
+        rows += [
+            "",
+            "| model | gRPC floor, 1 item × 32 (calls/s) | its CPU per call: server + client (ms) "
+            "| raw model's CPU per item (ms) | 1 item × 32 at most, any gRPC Python service "
+            "(client here / elsewhere) |",
+            "|---|---|---|---|---|",
+        ]
+        for model, f in floors.items():
+            rows.append(
+                f"| {model} | {f['calls_per_s']:,.0f} | {f['server_cpu_ms_per_call']:.3f} + "
+                f"{f['client_cpu_ms_per_call']:.3f} | {f['model_cpu_ms_per_item']:.3f} | "
+                f"{f['single_ceiling_ratio_to_raw']:.2f}× / "
+                f"{f['single_ceiling_server_only_ratio_to_raw']:.2f}× raw |"
+            )
     memory = {m: r for m, r in results["models"].items() if "memory" in r}
     if memory:
         rows += [
@@ -750,6 +876,17 @@ def main() -> None:
             ).result()
         _log(f"{model} raw: {raw['items_per_s']:.0f} items/s, p50 {raw['idle']['p50_ms']:.2f} ms")
         results["models"][model] = {"raw": raw}
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            floor = grpc_floor(pool, model, inputs[model], raw, args)
+        _log(
+            f"{model} gRPC floor: {floor['calls_per_s']:.0f} calls/s, CPU per call server "
+            f"{floor['server_cpu_ms_per_call']:.3f} ms + client "
+            f"{floor['client_cpu_ms_per_call']:.3f} ms vs model "
+            f"{floor['model_cpu_ms_per_item']:.3f} ms per item: 1 item/request at most "
+            f"{floor['single_ceiling_ratio_to_raw']:.2f}× raw"
+            f" ({floor['single_ceiling_server_only_ratio_to_raw']:.2f}× with the client elsewhere)"
+        )
+        results["models"][model]["grpc floor"] = floor
     services = [s for s in SERVICES if args.torchserve or "torchserve" not in s]
     for service in services:
         flags = base + SERVICES[service]

@@ -10,7 +10,10 @@ the next batch fills while the current one runs, as continuous batchers do. A fu
 others run (``model_workers`` > 1) waits for a full batch or until the oldest entry has waited
 ``max_batch_delay_ms``. Overload is refused at the door
 (``ResourceExhausted``); stale and cancelled requests leave the queue before they cost a batch; a
-failed batch fails only its own requests and never the worker.
+failed batch fails only its own requests and never the worker. ``run_alone`` runs one item of a
+model that is ``idle`` as a batch at once, prepared in the model's thread in the same hand-off
+(the engine's path for a lone small item: at idle, the hand-offs to the decode thread and then
+through the queue to the model's thread cost more than the item).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from quotient_models.errors import InputError
 from quotient_models.runtime import EmbeddingModel
 from quotient_service.admission import Throughput
 from quotient_service.backends.base import Backend
@@ -33,7 +37,7 @@ from quotient_service.config import Settings
 from quotient_service.errors import DeadlineExceeded, QuotientError, ResourceExhausted, Unavailable
 from quotient_service.metrics import Metrics
 
-__all__ = ["BatchResult", "Batcher"]
+__all__ = ["BatchResult", "Batcher", "loop_time"]
 
 log = logging.getLogger(__name__)
 _batch_ids = itertools.count()
@@ -104,6 +108,7 @@ class _Queue:
     worker: asyncio.Task[None] | None = None
     running: set[asyncio.Task[None]] = field(default_factory=set)
     full_rate: float = 0.0  # items/s of full batches (moving average); 0 until one ran
+    alone: int = 0  # run_alone batches running
 
 
 class Batcher:
@@ -154,6 +159,59 @@ class Batcher:
             ) from None
         finally:  # finished, failed, timed out or cancelled by the client: leave the queue
             self._discard(queue, request)
+
+    def idle(self, model: EmbeddingModel) -> bool:
+        """Whether ``model`` has no item queued and no batch running (any projection), and the
+        backend can prepare and embed one item in one hand-off (``run_alone``)."""
+        if not self.backend.runs_locally:
+            return False
+        name = model.spec.name
+        return not any(
+            q.entries or q.running or q.alone for (n, _), q in self._queues.items() if n == name
+        )
+
+    async def run_alone(
+        self,
+        model: EmbeddingModel,
+        projection: str,
+        prepare: Callable[[], np.ndarray],
+        deadline: float,
+    ) -> BatchResult | None:
+        """A batch of one item that ``prepare()`` makes in the model's thread, run at once if
+        ``model`` is ``idle`` (else None: the caller queues it as usual). While it runs the
+        model is not idle, and the queue's worker starts no batch: calls that arrive meanwhile
+        queue and batch together after it. ``prepare``'s ``InputError`` is raised as it is."""
+        if not self.idle(model):
+            return None
+        queue = self._queue(model, projection)
+        name, start = model.spec.name, time.monotonic()
+        self.metrics.queue_wait.labels(name).observe(0.0)
+        queue.alone += 1
+        try:
+            async with asyncio.timeout_at(loop_time(deadline)):
+                out = await self.backend.embed_alone(name, prepare, projection)
+            if len(out.values) != 1:
+                raise Unavailable(f"backend returned {len(out.values)} rows for 1 item")
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the request did not finish within its deadline (1 item)"
+            ) from None
+        except InputError:
+            raise
+        except Exception as exc:
+            raise self._error(name, 1, exc) from None
+        finally:
+            queue.alone -= 1
+            queue.wake.set()  # the worker may take what queued meanwhile
+        seconds = time.monotonic() - start
+        self._record(name, 1, seconds)
+        return BatchResult(
+            np.asarray(out.values[:1], dtype=np.float32),
+            None if out.poses is None else np.asarray(out.poses[:1], dtype=np.float64),
+            0.0,
+            seconds,
+            1,
+        )
 
     def _check_wait(self, queue: _Queue, deadline: float) -> None:
         """Refuse at once a call that would wait in a backlog longer than its deadline allows,
@@ -241,7 +299,7 @@ class Batcher:
         delay = self.settings.max_batch_delay_ms / 1000.0
         while True:
             await queue.slots.acquire()
-            while not queue.entries:
+            while not queue.entries or queue.alone:  # after a run_alone, as after a batch
                 queue.wake.clear()
                 await queue.wake.wait()
             # an idle model runs what is queued at once: waiting for company only adds latency,
@@ -288,10 +346,7 @@ class Batcher:
             self._fail(queue, batch, exc)
             return
         seconds = time.monotonic() - start
-        self.metrics.batch_size.labels(name).observe(len(batch))
-        self.metrics.inference.labels(name).observe(seconds)
-        self.metrics.items.labels(name).inc(len(batch))
-        self.throughput.record(len(batch))
+        self._record(name, len(batch), seconds)
         if len(batch) >= self.settings.max_batch_items and seconds > 0:
             speed = len(batch) / seconds
             queue.full_rate = speed if not queue.full_rate else 0.8 * queue.full_rate + 0.2 * speed
@@ -300,16 +355,29 @@ class Batcher:
             pose = None if out.poses is None else float(out.poses[row])
             entry.request.deliver(entry.index, out.values[row], pose, info)
 
-    def _fail(self, queue: _Queue, batch: list[_Entry], exc: Exception) -> None:
-        name = queue.model.spec.name
+    def _record(self, name: str, size: int, seconds: float) -> None:
+        self.metrics.batch_size.labels(name).observe(size)
+        self.metrics.inference.labels(name).observe(seconds)
+        self.metrics.items.labels(name).inc(size)
+        self.throughput.record(size)
+
+    def _error(self, name: str, size: int, exc: Exception) -> QuotientError:
+        """What the requests of a failed batch are told (a fault is logged, not shown)."""
         self.metrics.batch_failures.labels(name).inc()
         if isinstance(exc, QuotientError):
-            error: QuotientError = exc
-        else:
-            log.error("batch of %d items for %s failed", len(batch), name, exc_info=exc)
-            error = Unavailable(
-                f"the backend failed a batch of model {name!r}", metadata={"model": name}
-            )
+            return exc
+        log.error("batch of %d items for %s failed", size, name, exc_info=exc)
+        return Unavailable(
+            f"the backend failed a batch of model {name!r}", metadata={"model": name}
+        )
+
+    def _fail(self, queue: _Queue, batch: list[_Entry], exc: Exception) -> None:
+        error = self._error(queue.model.spec.name, len(batch), exc)
         for request in {id(e.request): e.request for e in batch}.values():
             request.fail(error)
             self._discard(queue, request)  # its other items would be computed for nothing
+
+
+def loop_time(deadline: float) -> float:
+    """A ``time.monotonic()`` instant on the running loop's clock (``asyncio.timeout_at``)."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())

@@ -164,6 +164,13 @@ class Settings:
         "in a decoder fails only its item)",
         ("threads", "processes"),
     )
+    idle_direct_bytes: int = _f(
+        4096,
+        "a call of one input of at most this many bytes (an image also at most 128x128 pixels) "
+        "to a model with nothing queued or running is decoded and embedded in the model's "
+        "thread in one hand-off, instead of a decode thread then the batch queue (less latency "
+        "at idle); 0 = never. Not with decode_in processes",
+    )
     max_request_pixels: int = _f(
         64 << 20,
         "most pixels decoded for one request, all its images together (read from their headers "
@@ -267,6 +274,7 @@ class Settings:
 
 _ZERO_ALLOWED = {
     "max_batch_cost",
+    "idle_direct_bytes",
     "max_batch_delay_ms",
     "shutdown_grace_s",
     "drain_s",

@@ -27,7 +27,7 @@ from quotient_models.runtime import (
     check_decode_values,
 )
 from quotient_service.backends.base import Backend
-from quotient_service.batching import Batcher
+from quotient_service.batching import Batcher, BatchResult, loop_time
 from quotient_service.config import Settings
 from quotient_service.errors import (
     DeadlineExceeded,
@@ -178,8 +178,13 @@ class Engine:
                 field="projection",
                 reason="UNKNOWN_PROJECTION",
             ) from None
-        prepared, notes = await self._prepare(model, items, deadline, options or PrepareOptions())
-        result = await self.batcher.submit(model, chosen, prepared, deadline)
+        options = options or PrepareOptions()
+        now = await self._embed_alone(model, chosen, items, options, deadline)
+        if now is not None:
+            result, notes = now
+        else:
+            prepared, notes = await self._prepare(model, items, deadline, options)
+            result = await self.batcher.submit(model, chosen, prepared, deadline)
         bad = np.flatnonzero(~np.isfinite(result.values).all(axis=1))
         if len(bad):  # finite inputs, so a model fault: never sent to the client
             raise NonFiniteOutput(
@@ -237,7 +242,7 @@ class Engine:
             for at in range(0, len(values), DECODE_CHUNK_ROWS):
                 chunk = values[at : at + DECODE_CHUNK_ROWS]
                 payload = serving.encode_decode_batch(chunk, allow_inexact)
-                async with asyncio.timeout_at(_loop_time(deadline)):
+                async with asyncio.timeout_at(loop_time(deadline)):
                     async with turn:
                         answer = await self.backend.run(model_name, payload)
                 decoded += serving.decode_molecules(answer)
@@ -291,6 +296,44 @@ class Engine:
                     reason="TOO_MANY_PIXELS",
                 )
 
+    async def _embed_alone(
+        self,
+        model: EmbeddingModel,
+        projection: str,
+        items: list[Item],
+        options: PrepareOptions,
+        deadline: float,
+    ) -> tuple[BatchResult, tuple[tuple[InputNote, ...], ...]] | None:
+        """A lone small item of an idle model, decoded and embedded in the model's thread in
+        one hand-off (``Batcher.run_alone``), or None for the usual path (decode threads, then
+        the queue). At idle each hand-off wakes a sleeping thread and the event loop waits for
+        it. Bounded by ``idle_direct_bytes`` (and ``IDLE_DIRECT_PIXELS`` for an image), since
+        calls that arrive meanwhile wait behind it; not when decoding in processes (a
+        decoder's crash must not reach the server)."""
+        limit = self.settings.idle_direct_bytes
+        if len(items) != 1 or not limit or self.settings.decode_in != "threads":
+            return None
+        kind, data = items[0]
+        if len(data) > limit or model.input_pixels(data) > IDLE_DIRECT_PIXELS:
+            return None
+        if not self.batcher.idle(model):
+            return None
+        prepare = _Prepare(model, self.limits, options)
+        notes: list[tuple[InputNote, ...]] = []
+
+        def prepared() -> np.ndarray:
+            item, item_notes = prepare(data)
+            notes.append(item_notes)
+            return item
+
+        try:
+            result = await self.batcher.run_alone(model, projection, prepared, deadline)
+        except InputError as exc:
+            raise InvalidArgument(
+                exc.reason, index=0, field=f"inputs[0].{_data_field(kind, data)}"
+            ) from None
+        return None if result is None else (result, (notes[0],))
+
     async def _prepare(
         self, model: EmbeddingModel, items: list[Item], deadline: float, options: PrepareOptions
     ) -> tuple[list[np.ndarray], tuple[tuple[InputNote, ...], ...]]:
@@ -314,6 +357,7 @@ class Engine:
 
 
 DECODE_CHUNK_ROWS = 32
+IDLE_DIRECT_PIXELS = 128 * 128  # an image decoded in the model's thread is at most this large
 
 
 class NonFiniteOutput(RuntimeError):
@@ -330,11 +374,6 @@ class _Prepare:
 
     def __call__(self, data: bytes) -> tuple[np.ndarray, tuple[InputNote, ...]]:
         return self.model.prepare_noted(data, self.limits, self.options)
-
-
-def _loop_time(deadline: float) -> float:
-    """A ``time.monotonic()`` instant on the running loop's clock (``asyncio.timeout_at``)."""
-    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
 
 
 ECHO_LIMIT = 64

@@ -1,8 +1,8 @@
 """`make bench-serving` runs end to end: bench/serving.py starts the service (embedded, decoding
 in processes, TorchServe backend) and a plain TorchServe, drives every request shape through its
-load generator (which parses answers and checks their row counts), measures memory per model
-and a few seconds of soak, and writes its JSON and the soak plot. A short
-run on one model: this checks that the benchmark works, not what it measures (figures are not
+load generator (which parses answers and checks their row counts), measures the bare gRPC floor,
+memory per model and a few seconds of soak, and writes its JSON and the soak plot. A short run
+on one model: this checks that the benchmark works, not what it measures (figures are not
 asserted; speed targets are the benchmark's, never a test's)."""
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ def test_the_serving_benchmark_runs_and_writes_every_shape(tmp_path: Path) -> No
         assert measured["service_peak_rss_mb"] > 0
     for shape in ("single", "large"):
         assert model["torchserve backend"][shape]["ratio_to_plain_torchserve"] > 0
+    floor = model["grpc floor"]  # the bare gRPC server answered every call, rows checked
+    assert floor["calls_per_s"] > 0 and model["raw"]["cpu_ms_per_item"] > 0
+    assert floor["server_cpu_ms_per_call"] > 0 and floor["client_cpu_ms_per_call"] > 0
+    here, elsewhere = (floor[f"single_ceiling{k}_ratio_to_raw"] for k in ("", "_server_only"))
+    assert 0 < here < elsewhere
     raw_rss, memory = model["raw"]["rss_mb"], model["memory"]
     assert raw_rss["loaded"] > raw_rss["before_load"] > 0
     assert memory["peak_rss_mb"] >= memory["ready_rss_mb"] > 0
@@ -68,3 +73,4 @@ def test_the_serving_benchmark_runs_and_writes_every_shape(tmp_path: Path) -> No
     assert soak["rss_max_mb"] >= max(soak["rss_first_mb"], soak["rss_last_mb"])
     assert (out.parent / "soak.png").stat().st_size > 0
     assert "| rotmnist-c8 |" in run.stdout and "Soak, " in run.stdout  # the tables
+    assert "gRPC floor" in run.stdout

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from quotient_models.molecules.evaluate import _coincidences, _nearest_other
-from quotient_models.molecules.evaluate_druglike import wilson_interval
+from quotient_models.molecules.evaluate_druglike import refusal_kind, wilson_interval
 
 
 def _brute(v: np.ndarray) -> np.ndarray:
@@ -59,6 +59,23 @@ def test_wilson_interval() -> None:
     lo, hi = wilson_interval(0.962, 500)
     assert lo < 0.962 < hi and hi - lo < 0.04
     assert wilson_interval(0.3, 0) == (0.0, 1.0)
+
+
+def test_acceptance_counts_refusals_by_kind_with_the_limit_they_broke() -> None:
+    from quotient_models.errors import InputError
+    from quotient_models.molecules.model import load_molecule_model
+    from quotient_models.runtime import InputLimits, PrepareOptions
+
+    model = load_molecule_model(Path("model_store/models/druglike-vae"))
+    kinds = {}
+    for text in ("C" * 70, "C" * 71 + ".O", "C" * 130, "[18F]C", "[19F]CC", "[B]"):
+        with pytest.raises(InputError) as refused:
+            model.prepare_noted(text.encode(), InputLimits(), PrepareOptions(standardize=True))
+        kinds[text] = refusal_kind(refused.value.reason)
+    assert kinds["C" * 70] == kinds["C" * 71 + ".O"] == "more than 64 heavy atoms"
+    assert kinds["C" * 130] == "more than 128 heavy atoms as read, before standardisation"
+    assert kinds["[18F]C"] == kinds["[19F]CC"] == "atom n (F) has an isotope label"
+    assert kinds["[B]"].startswith("element B is outside this model's domain")
 
 
 def test_downstream_figures_are_the_compared_feature_sets() -> None:

@@ -1,5 +1,6 @@
 """The batcher with a fake model and a fake backend: merging, ordering, bounds, failures, deadlines,
-cancellation. Each test runs its own event loop (``asyncio.run``)."""
+cancellation, and a lone item of an idle model run at once (``run_alone``). Each test runs its
+own event loop (``asyncio.run``)."""
 
 from __future__ import annotations
 
@@ -239,6 +240,103 @@ def test_a_call_that_would_outwait_its_deadline_in_the_backlog_is_refused_at_onc
         assert 0.05 <= caught.value.retry_after_s <= 10
         assert len((await batcher.submit(model, "p", items(9), later())).values) == 1
         assert len((await backlog).values) == 16
+        await batcher.stop()
+
+    run(main())
+
+
+class LocalBackend(FakeBackend):
+    """A backend whose model runs in this process: ``embed_alone`` prepares and embeds one item
+    (held at ``gate`` like a batch); ``alone`` counts those calls."""
+
+    runs_locally = True
+
+    def __init__(self, model: EmbeddingModel) -> None:
+        super().__init__(model)
+        self.alone = 0
+
+    async def embed_alone(self, model_name, prepare, projection) -> ProjectionOutput:
+        item = prepare()  # the InputError of a bad item comes out of here, as in a thread
+        await self.gate.wait()
+        self.alone += 1
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("backend crashed")
+        return self.model.embed_batch(self.model.collate([item]))
+
+
+def make_local(**overrides) -> tuple[Batcher, LocalBackend, FakeModel]:
+    model = FakeModel()
+    backend = LocalBackend(model)
+    return Batcher(backend, Settings(**{"max_batch_delay_ms": 20.0, **overrides})), backend, model
+
+
+def test_a_lone_item_of_an_idle_model_runs_at_once_and_calls_meanwhile_batch_after_it():
+    async def main():
+        batcher, backend, model = make_local()
+        assert batcher.idle(model)
+        alone = await batcher.run_alone(model, "p", lambda: items(5)[0], later())
+        assert alone is not None and alone.batch_size == 1 and alone.queue_seconds == 0
+        np.testing.assert_array_equal(alone.values, expected([5]))
+        np.testing.assert_array_equal(alone.poses, [5])
+        assert backend.alone == 1 and backend.batches == []  # not through the queue
+
+        backend.gate.clear()  # a lone item in flight: the model is busy for everyone else
+        first = asyncio.create_task(batcher.run_alone(model, "p", lambda: items(1)[0], later()))
+        await asyncio.sleep(0.02)
+        assert not batcher.idle(model)
+        assert await batcher.run_alone(model, "p", lambda: items(9)[0], later()) is None
+        queued = []
+        for v in (2, 3, 4):  # one after another, while the lone item runs
+            queued.append(asyncio.create_task(batcher.submit(model, "p", items(v), later())))
+            await asyncio.sleep(0.02)
+        assert backend.batches == []  # the worker waits for the lone item, as for a batch
+        backend.gate.set()
+        np.testing.assert_array_equal((await first).values, expected([1]))
+        results = await asyncio.gather(*queued)
+        assert backend.batches == [3]  # what queued meanwhile ran as one batch
+        for v, r in zip((2, 3, 4), results, strict=True):
+            np.testing.assert_array_equal(r.values, expected([v]))
+        await asyncio.sleep(0.01)
+        assert batcher.idle(model)
+        await batcher.stop()
+
+    run(main())
+
+
+def test_a_lone_item_that_fails_fails_alone_and_the_model_stays_usable():
+    from quotient_models.errors import InputError
+
+    async def main():
+        batcher, backend, model = make_local()
+
+        def bad() -> np.ndarray:
+            raise InputError("not a decodable image")
+
+        with pytest.raises(InputError, match="not a decodable image"):
+            await batcher.run_alone(model, "p", bad, later())
+        backend.fail_next = True
+        with pytest.raises(Unavailable, match="failed a batch of model 'fake'"):
+            await batcher.run_alone(model, "p", lambda: items(1)[0], later())
+        backend.gate.clear()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.run_alone(model, "p", lambda: items(1)[0], later(0.05))
+        backend.gate.set()
+        await asyncio.sleep(0.01)
+        assert batcher.idle(model) and batcher.queued == 0
+        ok = await batcher.run_alone(model, "p", lambda: items(7)[0], later())
+        assert ok is not None
+        np.testing.assert_array_equal(ok.values, expected([7]))
+        await batcher.stop()
+
+    run(main())
+
+
+def test_a_backend_that_runs_models_elsewhere_never_runs_an_item_alone():
+    async def main():
+        batcher, _, model = make()
+        assert not batcher.idle(model)
+        assert await batcher.run_alone(model, "p", lambda: items(1)[0], later()) is None
         await batcher.stop()
 
     run(main())

@@ -55,6 +55,18 @@ def _chembl_drugs() -> list[str]:
     return [ln.strip() for ln in lines[1:] if ln.strip()]
 
 
+def refusal_kind(reason: str) -> str:
+    """A refusal's reason without what varies from molecule to molecule, to count refusals by:
+    "70 heavy atoms; this model accepts at most 64" → "more than 64 heavy atoms", "atom 5 (F) has
+    an isotope label" → "atom n (F) has an isotope label"."""
+    first, _, rest = reason.partition(";")
+    limit = re.search(r"at most (\d+)", rest)
+    if limit and re.fullmatch(r"\d+ heavy atoms", first.strip()):
+        read = " as read, before standardisation" if "reads" in rest else ""
+        return f"more than {limit[1]} heavy atoms{read}"
+    return re.sub(r"\d+", "n", first.split(":")[0])
+
+
 def _accept(model: MoleculeModel, smiles: list[str], desc: str) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -66,8 +78,7 @@ def _accept(model: MoleculeModel, smiles: list[str], desc: str) -> dict[str, Any
         try:
             _, notes = model.prepare_noted(text.encode(), limits, options)
         except InputError as exc:
-            kind = exc.reason.split(";")[0].split(":")[0]
-            kind = re.sub(r"\d+", "n", kind)  # "70 heavy atoms" → "n heavy atoms"
+            kind = refusal_kind(exc.reason)
             refused[kind] += 1
             examples.setdefault(kind, text)
             continue

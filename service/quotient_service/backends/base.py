@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 
@@ -61,7 +62,8 @@ class Backend(ABC):
        answer are ``quotient_models.serving`` bytes (``encode_batch`` → ``handle_payload``);
        raise ``errors.Unavailable`` when the backend cannot answer. ``await embed(model_name,
        arrays, projection)`` is the embedding batch the batcher sends: by default ``run`` on its
-       bytes; a backend in this process computes it without serialising;
+       bytes; a backend in this process computes it without serialising, and one that
+       ``runs_locally`` also prepares and embeds one item in one hand-off (``embed_alone``);
     5. ``await ready()``: whether batches can run now (health checks);
     6. ``await stop()``: release everything; idempotent, safe after a failed ``start``.
     """
@@ -89,6 +91,16 @@ class Backend(ABC):
         """One embedding batch of collated ``arrays``: ``run`` on its serving bytes."""
         answer = await self.run(model_name, serving.encode_batch(arrays, projection))
         return serving.decode_output(answer)
+
+    runs_locally = False  # embed_alone works: the models run in this process
+
+    async def embed_alone(
+        self, model_name: str, prepare: Callable[[], np.ndarray], projection: str
+    ) -> ProjectionOutput:
+        """One item, prepared by ``prepare()`` and embedded, both where ``model_name``'s
+        batches run (one hand-off instead of one to decode and one to embed), for a backend
+        that ``runs_locally``; ``prepare``'s ``InputError`` is raised as it is."""
+        raise NotImplementedError(f"the {self.name} backend does not run models here")
 
     @abstractmethod
     async def ready(self) -> bool: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -114,6 +115,18 @@ class EmbeddedBackend(Backend):
         return await asyncio.get_running_loop().run_in_executor(
             self._pools[model_name], serving.embed_arrays, model, arrays, projection
         )
+
+    runs_locally = True
+
+    async def embed_alone(
+        self, model_name: str, prepare: Callable[[], np.ndarray], projection: str
+    ) -> ProjectionOutput:
+        model = self._model(model_name)
+
+        def work() -> ProjectionOutput:
+            return serving.embed_arrays(model, model.collate([prepare()]), projection)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pools[model_name], work)
 
     async def ready(self) -> bool:
         return self._ready
