@@ -198,6 +198,12 @@ class Batcher:
             ) from None
         except InputError:
             raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the caller was cancelled
+                raise
+            # the model's pool cancelled the work: the backend is stopping
+            raise Unavailable("the server is shutting down") from None
         except Exception as exc:
             raise self._error(name, 1, exc) from None
         finally:

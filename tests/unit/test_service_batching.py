@@ -253,11 +253,13 @@ class LocalBackend(FakeBackend):
 
     def __init__(self, model: EmbeddingModel) -> None:
         super().__init__(model)
-        self.alone = 0
+        self.alone, self.stopping = 0, False
 
     async def embed_alone(self, model_name, prepare, projection) -> ProjectionOutput:
         item = prepare()  # the InputError of a bad item comes out of here, as in a thread
         await self.gate.wait()
+        if self.stopping:  # a pool shut down with cancel_futures cancels the waiting work
+            raise asyncio.CancelledError
         self.alone += 1
         if self.fail_next:
             self.fail_next = False
@@ -327,6 +329,17 @@ def test_a_lone_item_that_fails_fails_alone_and_the_model_stays_usable():
         ok = await batcher.run_alone(model, "p", lambda: items(7)[0], later())
         assert ok is not None
         np.testing.assert_array_equal(ok.values, expected([7]))
+        backend.stopping = True  # the backend stops under it: UNAVAILABLE, not a cancelled call
+        with pytest.raises(Unavailable, match="shutting down"):
+            await batcher.run_alone(model, "p", lambda: items(1)[0], later())
+        backend.stopping = False
+        backend.gate.clear()  # the caller gives up: its cancellation goes through as such
+        call = asyncio.create_task(batcher.run_alone(model, "p", lambda: items(1)[0], later()))
+        await asyncio.sleep(0.02)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert batcher.idle(model)
         await batcher.stop()
 
     run(main())
