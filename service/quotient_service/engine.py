@@ -157,7 +157,7 @@ class Engine:
         start = time.monotonic()
         deadline = self.deadline(timeout)
         model = self.pinned(model_name, version)
-        self._check_request(model, items)
+        pixels = self._check_request(model, items)
         small = len(items) <= self.settings.max_batch_items
         typical = self._service_s.get(model.spec.name, 0.0) if small else 0.0
         if timeout is not None and timeout < typical:
@@ -179,7 +179,7 @@ class Engine:
                 reason="UNKNOWN_PROJECTION",
             ) from None
         options = options or PrepareOptions()
-        now = await self._embed_alone(model, chosen, items, options, deadline)
+        now = await self._embed_alone(model, chosen, items, pixels, options, deadline)
         if now is not None:
             result, notes = now
         else:
@@ -266,9 +266,10 @@ class Engine:
                 reason="TOO_MANY_INPUTS",
             )
 
-    def _check_request(self, model: EmbeddingModel, items: list[Item]) -> None:
+    def _check_request(self, model: EmbeddingModel, items: list[Item]) -> int:
+        """Refuses a request the model cannot take; returns the pixels its images hold."""
         self._check_count(len(items), "inputs")
-        self._check_pixels(model, items)
+        pixels = self._check_pixels(model, items)
         modality = model.spec.modality
         for i, (kind, _) in enumerate(items):
             if kind is None:
@@ -280,8 +281,9 @@ class Engine:
                     field=f"inputs[{i}].{kind}",
                     reason="WRONG_MODALITY",
                 )
+        return pixels
 
-    def _check_pixels(self, model: EmbeddingModel, items: list[Item]) -> None:
+    def _check_pixels(self, model: EmbeddingModel, items: list[Item]) -> int:
         """The pixels a request would decode, read from the image headers before decoding any
         (each image's own limit is ``max_pixels``; this bounds the request's total)."""
         limit, total = self.settings.max_request_pixels, 0
@@ -295,12 +297,14 @@ class Engine:
                     field=f"inputs[{i}].{_data_field(kind, data)}",
                     reason="TOO_MANY_PIXELS",
                 )
+        return total
 
     async def _embed_alone(
         self,
         model: EmbeddingModel,
         projection: str,
         items: list[Item],
+        pixels: int,
         options: PrepareOptions,
         deadline: float,
     ) -> tuple[BatchResult, tuple[tuple[InputNote, ...], ...]] | None:
@@ -314,9 +318,7 @@ class Engine:
         if len(items) != 1 or not limit or self.settings.decode_in != "threads":
             return None
         kind, data = items[0]
-        if len(data) > limit or model.input_pixels(data) > IDLE_DIRECT_PIXELS:
-            return None
-        if not self.batcher.idle(model):
+        if len(data) > limit or pixels > IDLE_DIRECT_PIXELS:  # pixels read by _check_pixels
             return None
         prepare = _Prepare(model, self.limits, options)
         notes: list[tuple[InputNote, ...]] = []
