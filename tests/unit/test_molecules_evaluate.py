@@ -132,3 +132,35 @@ def test_the_card_compares_latent_widths_with_this_models_current_figures(tmp_pa
     )
     assert f"| {invariance['max_relative_change_sorted']:.2e} |" in row
     assert "1.23e-01" not in row
+
+
+def test_metrics_json_is_the_same_whatever_order_sections_ran_in(tmp_path: Path) -> None:
+    """``evaluate all`` runs four sections and the others run on their own: metrics.json keeps
+    its sections in one order, and the last digits BLAS's summation order moves are not stored,
+    so a rerun rewrites the committed file byte for byte."""
+    import json
+    import shutil
+
+    from quotient_models.molecules.evaluate import SECTIONS, _write
+
+    source = Path(__file__).resolve().parents[2] / "model_store" / "models" / "qm9-vae"
+    written = []
+    for order in (("regression", "simplest"), ("simplest", "regression")):
+        model = tmp_path / "-".join(order)
+        model.mkdir()
+        shutil.copy(source / "model.json", model / "model.json")
+        for key in order:
+            noise = 1e-15 if key == order[0] else -1e-15  # what a rerun's BLAS can move
+            result = {"mae": {"krr": {"gap": {"unit": "eV", "sorted": 0.1234567890123 + noise}}}}
+            if key == "simplest":
+                result = {"counts": {"exact": 3, "refused": 1, "wrong": 0}, "molecules": [1] * 4}
+            else:
+                result |= {"regressors": {"krr": "kernel ridge"}, "train_molecules": 5}
+            _write(model, key, result)
+        written.append((model / "metrics.json").read_text().replace(str(model), "MODEL"))
+    assert written[0] == written[1]
+    metrics = json.loads(written[0])
+    names = [m["name"] for m in metrics if "value" not in m]
+    assert names == [s for s in SECTIONS if s in names] == ["simplest", "regression"]
+    figure = next(m for m in metrics if m["name"] == "regression.krr.gap.sorted")
+    assert figure["value"] == 0.123456789

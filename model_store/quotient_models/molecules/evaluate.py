@@ -33,7 +33,9 @@
   and decoded as the service does: each comes back, or is refused with the reason (never another
   molecule), with the decoder's guess and whether QM9 holds it. Needs no evaluation data beyond
   the split membership, and takes seconds: it runs on its own and rewrites the card.
-Results are merged into the model directory's metrics.json and MODEL_CARD.md.
+Results are merged into the model directory's metrics.json (sections in ``SECTIONS`` order,
+floats to ``STORED_DIGITS`` significant digits, so a rerun rewrites it byte for byte) and
+MODEL_CARD.md.
 """
 
 from __future__ import annotations
@@ -838,6 +840,33 @@ def compare(model_dir: Path, other: Path) -> dict[str, Any]:
     return {"models": rows}
 
 
+# metrics.json's results in this order whatever order they were measured in, so a rerun of any
+# subset rewrites the file identically.
+SECTIONS = (
+    "invariance",
+    "reconstruction",
+    "simplest",
+    "neighbours",
+    "regression",
+    "spread",
+    "latent_width",
+)
+STORED_DIGITS = 10  # significant digits stored: BLAS's summation order moves the 15th
+
+
+def _stored(x: Any) -> Any:
+    """``x`` with every float rounded to ``STORED_DIGITS`` significant digits (nested dicts and
+    lists too): kernel ridge's Cholesky and matrix products on several threads sum in an order
+    that can differ run to run, which moves the last digits of an MAE and nothing a reader uses."""
+    if isinstance(x, float):
+        return float(f"{x:.{STORED_DIGITS}g}")
+    if isinstance(x, dict):
+        return {k: _stored(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_stored(v) for v in x]
+    return x
+
+
 def _write(model_dir: Path, key: str, result: dict[str, Any]) -> None:
     """Store one evaluation's result under its name in metrics.json (what the card is written
     from), then refresh the flat figures derived from it (what ``GetModel`` serves)."""
@@ -969,9 +998,13 @@ def figures(key: str, r: dict[str, Any], model_dir: Path) -> list[dict[str, Any]
 
 
 def _with_figures(metrics: list[dict[str, Any]], model_dir: Path) -> list[dict[str, Any]]:
-    """metrics.json's evaluation results followed by the flat figures derived from them (any
-    older flat figures dropped)."""
-    results = [m for m in metrics if "value" not in m]
+    """metrics.json's evaluation results in ``SECTIONS`` order, floats as stored (``_stored``),
+    followed by the flat figures derived from them (any older flat figures dropped)."""
+    order = {k: i for i, k in enumerate(SECTIONS)}
+    results = sorted(
+        (_stored(m) for m in metrics if "value" not in m),
+        key=lambda m: order.get(m["name"], len(order)),
+    )
     return results + [f for m in results for f in figures(m["name"], m, model_dir)]
 
 
