@@ -207,7 +207,7 @@ bench: bench-serving bench-search ## run every benchmark (bench/); results in be
 
 # SOAK=1: then 10 minutes at saturation, the service's memory sampled every second (soak.png)
 SOAK ?=
-bench-serving: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz $(ARCHIVES) ## serving: raw model vs the service (embedded, decode in processes, TorchServe backend) vs plain TorchServe, both models, 3 request shapes, memory per model (about 7 min; SOAK=1 adds a 10-min soak)
+bench-serving: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz $(ARCHIVES) ## serving: raw model vs the service (embedded, 2 processes, decode in processes, TorchServe backend) vs plain TorchServe, both models, 3 request shapes, memory per model (about 7 min; SOAK=1 adds a 10-min soak)
 	$(PY) bench/serving.py --out bench/results/serving.json $(if $(SOAK),--soak 600)
 
 gpu-pack: $(STAMPS)/test data/mnist/mnist10k.npz data/qm9/qm9.npz ## .gpu/ for bench/gpu.sh on the lent GPU: wheels, client stubs, inputs, model batches

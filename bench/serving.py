@@ -8,8 +8,9 @@ For each model (rotmnist-c8 on MNIST test digits as PNG files, qm9-vae on QM9 te
    (``load_model(dir, "onnx")``; ``prepare_noted`` + ``collate`` + ``embed_batch``): throughput
    at batches of 64 (the limit the service is measured against) and single-item latency;
 2. **service** (``quotient-server`` as ``make serve`` starts it, embedded backend, on loopback;
-   then again with ``--decode-in processes``), called over gRPC by a load generator in another
-   process:
+   then again with ``--processes 2`` (two server processes on the port) and with
+   ``--decode-in processes``), called over gRPC by a load generator in another process, as
+   ``CONNECTIONS`` (4) clients on a connection each:
    - ``single``: 1 item per request, ``--concurrency`` (32) requests in flight;
    - ``large``: 64 items per request, 4 in flight;
    - ``idle``: 1 item per request, one at a time (latency at idle).
@@ -72,10 +73,12 @@ MAX_MESSAGE = 64 << 20
 RAW_BATCH = 64
 SERVICES = {  # name in the results: quotient-server's extra flags
     "embedded": [],
+    "embedded, 2 processes": ["--processes", "2"],
     "embedded, decode in processes": ["--decode-in", "processes"],
     "torchserve backend": ["--backend", "torchserve"],
 }
 PLAIN = "plain torchserve"
+CONNECTIONS = 4  # the load generator's clients: one connection each, callers spread over them
 SHAPES = {  # name: (items per request, requests in flight)
     "single": (1, 32),
     "large": (64, 4),
@@ -246,9 +249,18 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
     ]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
+    # CONNECTIONS clients, each on a connection of its own (its own subchannel pool), as
+    # separate clients are: a server of several processes gets connections, not calls, spread
+    options.append(("grpc.use_local_subchannel_pool", 1))
+    channels = [
+        grpc.aio.insecure_channel(target, options=options)
+        for _ in range(min(CONNECTIONS, concurrency))
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        for channel in channels:
+            await stack.enter_async_context(channel)
         # bytes in, bytes out: no (de)serialising in the timed loop
-        call = channel.unary_unary(EMBED if plain is None else PREDICTIONS)
+        calls = [c.unary_unary(EMBED if plain is None else PREDICTIONS) for c in channels]
         metadata = plain or ()
         begin = time.perf_counter()
         window = (begin + warmup, begin + warmup + duration)
@@ -260,7 +272,7 @@ async def _load(target: str, payloads: list[bytes], per_request: int, concurrenc
 
         async def caller(offset: int) -> None:
             nonlocal sent
-            at = offset
+            at, call = offset, calls[offset % len(calls)]
             while time.perf_counter() < window[1] and not errors:
                 payload = payloads[at % len(payloads)]
                 at += concurrency

@@ -77,6 +77,13 @@ class Settings:
         "PEM CA bundle: clients must present a certificate it signed (mutual TLS); "
         "needs --tls-cert-file",
     )
+    processes: int = _f(
+        1,
+        "server processes sharing --port and --health-port (SO_REUSEPORT), each with its own "
+        "event loop, GIL and copy of the models: more throughput for small calls arriving on "
+        "several connections (the kernel spreads connections, not calls), N x the memory; "
+        "limits below hold per process. Embedded backend only",
+    )
     # --- models and backend
     backend: str = _f(
         "embedded",
@@ -256,6 +263,12 @@ class Settings:
             raise ConfigError(
                 f"{_names('tls_cert_file')} and {_names('tls_key_file')} go together: "
                 "set both to serve TLS, or neither"
+            )
+        if self.processes > 1 and self.backend != "embedded":
+            raise ConfigError(
+                f"{_names('processes')}: {self.processes} processes need the embedded backend "
+                "(each would start its own TorchServe); scale TorchServe with "
+                f"{_names('torchserve_workers_per_model')}"
             )
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ConfigError(

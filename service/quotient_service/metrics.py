@@ -1,7 +1,10 @@
 """Prometheus metrics of the service, on their own registry, served over HTTP.
 
 Each ``Metrics`` owns a ``CollectorRegistry`` (not the process-global one) so several servers can
-live in one process (tests) without duplicate-registration errors.
+live in one process (tests) without duplicate-registration errors. Under ``--processes N`` each
+server process writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
+multiprocess mode) and the supervisor serves their sum (processes.py); a gauge says how: the live
+processes' sum, or for ``quotient_backend_up`` their minimum (1 only while every process is up).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from quotient_service.errors import StartupError
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "serve_registry"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,12 @@ class Metrics:
         self.batch_failures = Counter(
             "quotient_batch_failures", "Batches the backend failed.", ["model"], registry=r
         )
-        self.queued = Gauge("quotient_queued_items", "Items waiting for a batch.", registry=r)
+        self.queued = Gauge(
+            "quotient_queued_items",
+            "Items waiting for a batch.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.auth_failures = Counter(
             "quotient_auth_failures",
             "Calls refused for a missing, malformed or unknown API key, by method and reason.",
@@ -77,16 +85,19 @@ class Metrics:
             "quotient_backend_up",
             "1 while the backend can run batches (health SERVING).",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.inflight_bytes = Gauge(
             "quotient_inflight_bytes",
             "Request bytes admitted and not yet answered (--max-inflight-bytes).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.inflight_items = Gauge(
             "quotient_inflight_items",
             "Inputs and Decode rows admitted and not yet answered (--max-inflight-items).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.shed = Counter(
             "quotient_shed_calls",
@@ -118,15 +129,7 @@ class Metrics:
         A port that cannot be bound is a ``StartupError`` naming the port and the flag."""
         if port == 0:
             return 0
-        try:
-            self._http, self._thread = start_http_server(port, host, registry=self.registry)
-        except OSError as exc:
-            raise StartupError(
-                f"--metrics-port / QUOTIENT_METRICS_PORT: cannot serve metrics on {host}:{port}: "
-                f"{exc.strerror or exc} (another process holds it? pick another port, or 0 to "
-                "turn metrics off)"
-            ) from None
-        log.info("metrics on http://%s:%d/metrics", host, self._http.server_port)
+        self._http, self._thread = serve_registry(self.registry, host, port)
         return int(self._http.server_port)
 
     def close(self) -> None:
@@ -134,3 +137,20 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def serve_registry(
+    registry: CollectorRegistry, host: str, port: int
+) -> tuple[WSGIServer, threading.Thread]:
+    """``registry`` on http://host:port/metrics from a daemon thread; a port that cannot be
+    bound is a ``StartupError`` naming it and the flag."""
+    try:
+        http, thread = start_http_server(port, host, registry=registry)
+    except OSError as exc:
+        raise StartupError(
+            f"--metrics-port / QUOTIENT_METRICS_PORT: cannot serve metrics on {host}:{port}: "
+            f"{exc.strerror or exc} (another process holds it? pick another port, or 0 to "
+            "turn metrics off)"
+        ) from None
+    log.info("metrics on http://%s:%d/metrics", host, http.server_port)
+    return http, thread

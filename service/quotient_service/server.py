@@ -5,7 +5,8 @@ process holds is a ``StartupError``) but loads nothing; ``App.start()`` starts s
 (NOT_SERVING), starts the backend (loads and warms up the models), turns health SERVING and then
 keeps health in step with ``backend.ready()``. ``App.drain(s)`` turns health NOT_SERVING for good
 and keeps answering for ``s`` seconds; ``App.stop()`` stops accepting calls, lets in-flight ones
-finish for the grace period, then stops the batcher and the backend.
+finish for the grace period, then stops the batcher and the backend. With ``--processes N`` the
+entry point supervises N such servers on one port instead (processes.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -32,6 +34,7 @@ from quotient_service.engine import Engine
 from quotient_service.errors import ErrorInterceptor, LateAnswerFilter, StartupError
 from quotient_service.health import HEALTH_SERVICE_NAME, Health
 from quotient_service.metrics import Metrics
+from quotient_service.processes import CHILD_ENV, reuse_port, supervise
 from quotient_service.servicer import SERVICE_NAME, EmbeddingServicer
 
 __all__ = ["App", "create_server", "main", "serve"]
@@ -126,7 +129,9 @@ def _options(settings: Settings) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
-        ("grpc.so_reuseport", 0),  # a second server on the port must fail, not share it
+        # a second server on the port must fail, not share it; only the processes of one
+        # supervisor share theirs (--processes, processes.py)
+        ("grpc.so_reuseport", int(reuse_port())),
         # calls gRPC has received but the event loop has not taken yet: gRPC's defaults (1,000
         # soft, 3,000 hard) cancel the excess, which clients see as a bare CANCELLED. Waiting
         # calls hold no message yet; they end by their deadline (DEADLINE_EXCEEDED) or are
@@ -171,7 +176,7 @@ def _bind(
 
 def _bind_health(health: Health, settings: Settings) -> tuple[grpc.aio.Server, int]:
     """The plaintext server of ``--health-port``: grpc.health.v1 only, no key needed."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port()))])
     health.attach(server)
     flag = "--health-port / QUOTIENT_HEALTH_PORT"
     return server, _bind(server, settings.host, settings.health_port, flag)
@@ -275,11 +280,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"quotient-server: {exc}", file=sys.stderr)
         return 2
+    process = f" [process {os.environ[CHILD_ENV]}]" if reuse_port() else ""
     logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level,
+        format=f"%(asctime)s %(levelname)s %(name)s{process}: %(message)s",
     )
     logging.getLogger("grpc._cython.cygrpc").addFilter(LateAnswerFilter())
+    if reuse_port():  # a child of --processes: its settings are its supervisor's, logged
+        return asyncio.run(serve(settings))
     log.info("settings %s", json.dumps(settings.redacted(), sort_keys=True))
+    if settings.processes > 1:
+        return supervise(settings, sys.argv[1:] if argv is None else argv)
     return asyncio.run(serve(settings))
 
 
