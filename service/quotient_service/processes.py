@@ -18,6 +18,7 @@ the same user started on the same port: it would join this one. Do not start two
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -28,16 +29,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from quotient_service.config import Settings
 from quotient_service.errors import StartupError
 
-__all__ = ["CHILD_ENV", "reuse_port", "supervise"]
+__all__ = ["CHILD_ENV", "reuse_port", "supervise", "watch_supervisor"]
 
 log = logging.getLogger("quotient_service")
 
 CHILD_ENV = "QUOTIENT_PROCESS_INDEX"  # set by the supervisor in each child: its index, 0..N-1
+SUPERVISOR_ENV = "QUOTIENT_SUPERVISOR_PID"  # and the supervisor's pid
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STOP_MARGIN_S = 15.0  # after drain and grace, how long a child may take to exit before SIGKILL
 
@@ -45,6 +47,16 @@ STOP_MARGIN_S = 15.0  # after drain and grace, how long a child may take to exit
 def reuse_port() -> bool:
     """Whether this process is a child of ``supervise`` (it binds its ports shared)."""
     return CHILD_ENV in os.environ
+
+
+async def watch_supervisor(stop: Callable[[], None], every: float = 1.0) -> None:
+    """In a child: ``stop()`` once the supervisor is gone (killed without passing a signal on),
+    so no server outlives it holding the port."""
+    parent = int(os.environ.get(SUPERVISOR_ENV, os.getppid()))  # gone before we got here too
+    while os.getppid() == parent:
+        await asyncio.sleep(every)
+    log.error("the supervisor (process %d) is gone: stopping", parent)
+    stop()
 
 
 def _reserve(host: str, port: int, flag: str) -> socket.socket:
@@ -154,7 +166,7 @@ def _run(settings: Settings, argv: Sequence[str], ports: list[int], env: dict[st
             children.append(
                 subprocess.Popen(
                     _child_args(argv, port, health_port),
-                    env={**os.environ, **env, CHILD_ENV: str(k)},
+                    env={**os.environ, **env, CHILD_ENV: str(k), SUPERVISOR_ENV: str(os.getpid())},
                 )
             )
         scheme = "TLS" if settings.tls_cert_file else "plaintext"

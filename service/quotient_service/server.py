@@ -34,7 +34,7 @@ from quotient_service.engine import Engine
 from quotient_service.errors import ErrorInterceptor, LateAnswerFilter, StartupError
 from quotient_service.health import HEALTH_SERVICE_NAME, Health
 from quotient_service.metrics import Metrics
-from quotient_service.processes import CHILD_ENV, reuse_port, supervise
+from quotient_service.processes import CHILD_ENV, reuse_port, supervise, watch_supervisor
 from quotient_service.servicer import SERVICE_NAME, EmbeddingServicer
 
 __all__ = ["App", "create_server", "main", "serve"]
@@ -244,6 +244,9 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    orphan = None  # a child of --processes stops (no drain) if its supervisor is killed
+    if reuse_port():
+        orphan = asyncio.create_task(watch_supervisor(lambda: on_signal(signal.SIGINT)))
     scheme = "TLS" if settings.tls_cert_file else "plaintext"
     log.info("listening on %s:%d (%s, backend %s)", settings.host, port, scheme, settings.backend)
     status = 0
@@ -266,6 +269,8 @@ async def serve(settings: Settings) -> int:
     finally:
         starting.cancel()
         stop_wait.cancel()
+        if orphan is not None:
+            orphan.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await starting
         await app.stop(settings.shutdown_grace_s if status == 0 else 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -135,3 +136,28 @@ def test_processes_need_the_embedded_backend():
         load_settings(["--processes", "2", "--backend", "torchserve"], env={})
     with pytest.raises(ConfigError, match="must be positive"):
         load_settings(["--processes", "0"], env={})
+
+
+@pytest.mark.parametrize("when", ["serving", "starting"])
+def test_server_processes_stop_when_their_supervisor_is_killed(
+    launch, pick_port, tiny_model_store, when
+):
+    port = pick_port()
+    launched = launch("--processes", "2", "--port", str(port), "--metrics-port", "0",
+                      "--model-store", str(tiny_model_store))  # fmt: skip
+    if when == "serving":
+        with _channel(port) as channel:
+            wait_serving(channel, launched.proc)
+    deadline = time.monotonic() + 30
+    while len(children := _children(launched.proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # "starting": killed before its servers have imported anything
+    launched.proc.kill()  # SIGKILL: nothing is passed on
+    launched.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_state(c) not in ("gone", "Z") for c in children):
+        time.sleep(0.2)
+    assert all(_state(c) in ("gone", "Z") for c in children), launched.output()
+    assert launched.output().count(f"the supervisor (process {launched.proc.pid}) is gone") == 2
+    with socket.socket() as again:  # nobody listens on the port any more
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
+        again.bind(("127.0.0.1", port))
