@@ -119,18 +119,16 @@ def _metrics_endpoint(settings: Settings) -> Iterator[dict[str, str]]:
     from quotient_service.metrics import serve_registry
 
     directory = tempfile.mkdtemp(prefix="quotient-metrics-")
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)
     try:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)
         http, _ = serve_registry(registry, settings.metrics_host, settings.metrics_port)
-    except StartupError:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    try:
-        yield {MULTIPROC_ENV: directory}
+        try:
+            yield {MULTIPROC_ENV: directory}
+        finally:
+            http.shutdown()
+            http.server_close()
     finally:
-        http.shutdown()
-        http.server_close()
         shutil.rmtree(directory, ignore_errors=True)
 
 

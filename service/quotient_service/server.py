@@ -291,11 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s %(name)s{process}: %(message)s",
     )
     logging.getLogger("grpc._cython.cygrpc").addFilter(LateAnswerFilter())
-    if reuse_port():  # a child of --processes: its settings are its supervisor's, logged
-        return asyncio.run(serve(settings))
-    log.info("settings %s", json.dumps(settings.redacted(), sort_keys=True))
-    if settings.processes > 1:
-        return supervise(settings, sys.argv[1:] if argv is None else argv)
+    if not reuse_port():  # a child of --processes: its settings are its supervisor's, logged
+        log.info("settings %s", json.dumps(settings.redacted(), sort_keys=True))
+        if settings.processes > 1:
+            return supervise(settings, sys.argv[1:] if argv is None else argv)
     return asyncio.run(serve(settings))
 
 
